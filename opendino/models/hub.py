@@ -180,7 +180,10 @@ def _unwrap(obj: Mapping[str, Any]) -> dict[str, Any]:
 def _to_official(state: dict[str, Tensor]) -> dict[str, Tensor]:
     from opendino.models import convert
 
-    layout = convert.detect_layout(state)
+    try:
+        layout = convert.detect_layout(state)
+    except ValueError as e:
+        raise CheckpointMismatchError(f"not a DINOv2 backbone: {e}") from None
     if layout == "timm":
         return convert.timm_to_official(state)
     if layout == "hf":
@@ -216,7 +219,7 @@ def load_backbone_state(source: str | Path) -> tuple[dict[str, Tensor], dict[str
 
 def infer_arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
     """Constructor keywords read off an official-layout state dict. Not in the weights, so by convention: the
-    head count (official sizes, else 64 channels per head) and the interpolation flags (the official register
+    head count (official sizes, else 64 channels per head, else None) and the interpolation flags (the official register
     models antialias with offset 0, the others use offset 0.1)."""
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
         raise CheckpointMismatchError(f"not a DINOv2 backbone: no cls_token / patch_embed keys (have {_few(state)})")
@@ -232,17 +235,13 @@ def infer_arch(state: Mapping[str, Tensor]) -> dict[str, Any]:
         ffn, mlp_ratio = "mlp", state["blocks.0.mlp.fc1.weight"].shape[0] / dim
     else:
         ffn, mlp_ratio = "identity", 4.0
-    if dim not in _HEADS_BY_DIM and dim % 64:
-        raise CheckpointMismatchError(
-            f"cannot infer num_heads for embed_dim {dim}: pass it, e.g. arch={{'num_heads': 6}}"
-        )
     return dict(
         img_size=grid * patch,
         patch_size=patch,
         in_chans=state["patch_embed.proj.weight"].shape[1],
         embed_dim=dim,
         depth=depth,
-        num_heads=_HEADS_BY_DIM.get(dim, dim // 64),
+        num_heads=_HEADS_BY_DIM.get(dim, dim // 64 if dim % 64 == 0 else None),
         mlp_ratio=mlp_ratio,
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         proj_bias="blocks.0.attn.proj.bias" in state,
@@ -299,6 +298,11 @@ def load_backbone(
         return build_backbone(source, **dict(arch or {})).to(device=device, dtype=dtype).train(not eval_mode)
     state, known = load_backbone_state(source)
     kwargs = {**infer_arch(state), **known, **dict(arch or {}), "block_chunks": 0}
+    if kwargs["num_heads"] is None:
+        raise CheckpointMismatchError(
+            f"cannot infer num_heads for embed_dim {kwargs['embed_dim']} from the weights: pass it, e.g. "
+            "load_backbone(path, arch={'num_heads': 6})"
+        )
     with torch.device("meta"):
         model = DinoVisionTransformer(**kwargs)
     _check_fits(model, state)

@@ -1,0 +1,124 @@
+"""The `opendino` command: one subcommand per stage, each building a typed config and calling one `run_*`.
+
+Flags are generated from the config dataclasses (one flag per field, help from the field's comment), so the CLI
+and the schema cannot drift apart. `key=value` arguments and `--config FILE.yaml` are accepted too; all three
+go through `config.load`, which rejects unknown keys and wrong types before any work starts. Stage modules are
+imported only when their subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from collections.abc import Sequence
+
+from opendino import config
+
+__all__ = ["main"]
+
+
+def _add_schema_flags(parser: argparse.ArgumentParser, schema: type) -> None:
+    docs = config.field_docs(schema)
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default
+        help_text = docs.get(f.name, "") + ("" if required else f" (default: {default})")
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            nargs = "+" if typing.get_origin(hints[f.name]) in (tuple, list) or "tuple" in str(hints[f.name]) else None
+            parser.add_argument(flag, dest=f.name, nargs=nargs, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def _schema_overrides(args: argparse.Namespace, schema: type) -> list[str]:
+    """The flags the user gave, as key=value strings (values parsed as YAML by config.load)."""
+    items = []
+    for f in dataclasses.fields(schema):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = "[" + ", ".join(value) + "]"
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        items.append(f"{f.name}={value}")
+    return items
+
+
+def _load(schema: type, args: argparse.Namespace):
+    return config.load(schema, args.config, [*_schema_overrides(args, schema), *args.overrides])
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from opendino.extract import run_extract
+
+    summary = run_extract(_load(config.ExtractConfig, args))
+    print(json.dumps({k: v for k, v in summary.items() if k != "fingerprint"}, indent=2))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from opendino.models.hub import run_convert
+
+    out = run_convert(args.src, args.dst, to=args.to)
+    print(f"wrote {out} ({args.to} layout)")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from opendino.quickstart import run_quickstart
+
+    run_quickstart(_load(config.QuickstartConfig, args))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opendino", description="DINOv2: pretrain, evaluate and use ViT features.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def staged(name: str, schema: type, handler, help_text: str) -> None:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default=None, help="YAML file with the keys below (flags and key=value win)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="more settings, e.g. batch_size=32")
+        _add_schema_flags(p, schema)
+        p.set_defaults(handler=handler)
+
+    staged(
+        "quickstart",
+        config.QuickstartConfig,
+        _cmd_quickstart,
+        "generate a small labelled image set, extract features with the debug backbone and report kNN accuracy "
+        "(no downloads)",
+    )
+    staged("extract", config.ExtractConfig, _cmd_extract, "write backbone features of an image folder or list")
+    conv = sub.add_parser("convert", help="convert backbone weights between the official, timm and HF layouts")
+    conv.add_argument("src", help="any checkpoint load_backbone reads (file, HF folder, run directory)")
+    conv.add_argument("dst", help="output: a .pth / .safetensors file (official, timm) or a folder (hf)")
+    conv.add_argument("--to", required=True, choices=("official", "timm", "hf"), help="target layout")
+    conv.set_defaults(handler=_cmd_convert)
+    return parser
+
+
+def _version() -> str:
+    from opendino import __version__
+
+    return f"opendino {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (config.ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"opendino {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

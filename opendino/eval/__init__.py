@@ -1,0 +1,1 @@
+"""Frozen-feature evaluation: batched extraction and (later) the protocols of the paper."""

@@ -1,0 +1,62 @@
+"""Weighted k-nearest-neighbour classification of frozen features, as the official DINOv2 kNN evaluation.
+
+Protocol (`dinov2/eval/knn.py` at b8931f7): L2-normalised features, cosine similarity, the top-k training
+neighbours of each query weighted by softmax(similarity / T) over those k, class score = sum of the weights of the
+neighbours of that class; T = 0.07, k in {10, 20, 100, 200}. Queries are processed in chunks so that memory is
+(chunk x n_train), whatever the number of queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["knn_accuracy", "knn_scores"]
+
+
+@torch.no_grad()
+def knn_scores(
+    train: Tensor,
+    train_labels: Tensor,
+    queries: Tensor,
+    *,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> dict[int, Tensor]:
+    """{k: (n_queries, num_classes) class scores}. `train` (n, D), `queries` (m, D); normalised here."""
+    if train.shape[0] != train_labels.shape[0]:
+        raise ValueError(f"{train.shape[0]} training features but {train_labels.shape[0]} labels")
+    num_classes = num_classes or int(train_labels.max()) + 1
+    ks = [min(k, train.shape[0]) for k in ks]
+    max_k = max(ks)
+    train = F.normalize(train.float(), dim=1)
+    scores = {k: [] for k in ks}
+    for start in range(0, queries.shape[0], chunk_size):
+        q = F.normalize(queries[start : start + chunk_size].float(), dim=1)
+        sims, idx = (q @ train.T).topk(max_k, dim=1)  # (c, max_k), sorted descending
+        neighbour_labels = train_labels[idx]  # (c, max_k)
+        for k in ks:
+            weights = (sims[:, :k] / temperature).softmax(dim=1)  # (c, k)
+            onehot = F.one_hot(neighbour_labels[:, :k], num_classes).to(weights.dtype)  # (c, k, C)
+            scores[k].append(torch.einsum("ck,ckn->cn", weights, onehot))
+    return {k: torch.cat(v) for k, v in scores.items()}
+
+
+def knn_accuracy(
+    train: Tensor,
+    train_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    *,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+) -> dict[int, float]:
+    """{k: top-1 accuracy} of the weighted kNN classifier."""
+    num_classes = int(max(train_labels.max(), query_labels.max())) + 1
+    scores = knn_scores(train, train_labels, queries, ks=ks, temperature=temperature, num_classes=num_classes)
+    return {k: (s.argmax(dim=1) == query_labels).float().mean().item() for k, s in scores.items()}
