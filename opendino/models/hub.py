@@ -37,6 +37,7 @@ __all__ = [
     "infer_arch",
     "load_backbone",
     "load_backbone_state",
+    "run_convert",
     "save_backbone",
 ]
 
@@ -69,6 +70,7 @@ _HEADS_BY_DIM = {PRESETS[a]["embed_dim"]: PRESETS[a]["num_heads"] for a in ("vit
 _HEADS_BY_DIM[PRESETS["vit_giant2"]["embed_dim"]] = PRESETS["vit_giant2"]["num_heads"]
 _METADATA_KEY = "opendino.arch"
 RUN_BACKBONE_FILE = "teacher_backbone.safetensors"
+TIMM_EXTRAS_SUFFIX = ".opendino-extras.safetensors"
 
 
 class CheckpointMismatchError(ValueError):
@@ -177,7 +179,11 @@ def _unwrap(obj: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _to_official(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _timm_sidecar(path: Path) -> Path:
+    return path.with_name(path.name.split(".")[0] + TIMM_EXTRAS_SUFFIX)
+
+
+def _to_official(state: dict[str, Tensor], extras: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     from opendino.models import convert
 
     try:
@@ -185,7 +191,7 @@ def _to_official(state: dict[str, Tensor]) -> dict[str, Tensor]:
     except ValueError as e:
         raise CheckpointMismatchError(f"not a DINOv2 backbone: {e}") from None
     if layout == "timm":
-        return convert.timm_to_official(state)
+        return convert.timm_to_official(state, extras=extras)
     if layout == "hf":
         return convert.hf_to_official(state)
     if layout == "official_chunked":
@@ -211,7 +217,9 @@ def load_backbone_state(source: str | Path) -> tuple[dict[str, Tensor], dict[str
     state, metadata = _read_file(path)
     if _METADATA_KEY in metadata:
         arch = json.loads(metadata[_METADATA_KEY])
-    state = _to_official(_unwrap(state))
+    sidecar = _timm_sidecar(path)  # what a timm file has no slot for, written beside it by run_convert
+    extras = _read_file(sidecar)[0] if sidecar.exists() else None
+    state = _to_official(_unwrap(state), extras)
     if not state:
         raise ValueError(f"{path}: no backbone tensors found")
     return state, arch
@@ -276,6 +284,16 @@ def _check_fits(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
         raise CheckpointMismatchError("weights do not fit the architecture:\n  " + "\n  ".join(parts))
 
 
+def _resolve_arch(state: Mapping[str, Tensor], known: Mapping[str, Any], arch: Mapping[str, Any] | None) -> dict:
+    kwargs = {**infer_arch(state), **known, **dict(arch or {}), "block_chunks": 0}
+    if kwargs["num_heads"] is None:
+        raise CheckpointMismatchError(
+            f"cannot infer num_heads for embed_dim {kwargs['embed_dim']} from the weights: pass it, e.g. "
+            "load_backbone(path, arch={'num_heads': 6})"
+        )
+    return kwargs
+
+
 def load_backbone(
     source: str | Path,
     *,
@@ -297,12 +315,7 @@ def load_backbone(
         )
         return build_backbone(source, **dict(arch or {})).to(device=device, dtype=dtype).train(not eval_mode)
     state, known = load_backbone_state(source)
-    kwargs = {**infer_arch(state), **known, **dict(arch or {}), "block_chunks": 0}
-    if kwargs["num_heads"] is None:
-        raise CheckpointMismatchError(
-            f"cannot infer num_heads for embed_dim {kwargs['embed_dim']} from the weights: pass it, e.g. "
-            "load_backbone(path, arch={'num_heads': 6})"
-        )
+    kwargs = _resolve_arch(state, known, arch)
     with torch.device("meta"):
         model = DinoVisionTransformer(**kwargs)
     _check_fits(model, state)
@@ -323,3 +336,50 @@ def save_backbone(model: DinoVisionTransformer, path: str | Path) -> Path:
         torch.save(state, tmp)
     tmp.replace(path)  # atomic: a reader never sees a half-written file
     return path
+
+
+def _write_state(state: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    else:
+        torch.save(dict(state), tmp)
+    tmp.replace(path)
+
+
+def run_convert(src: str | Path, dst: str | Path, *, to: str, arch: Mapping[str, Any] | None = None) -> Path:
+    """Convert any checkpoint `load_backbone` reads into the official, timm or Hugging Face layout.
+
+    official: `dst` .pth (as the official releases) or .safetensors (with the architecture in its metadata).
+    timm: `dst` .pth / .safetensors for `timm.create_model(name, pretrained=False, **kwargs).load_state_dict`;
+      the name and kwargs are printed and stored in the safetensors metadata; the tensors timm has no slot for
+      (mask token, the class position embedding of register models) go to a `<stem>.opendino-extras.safetensors`
+      file beside it, so that converting back is bit-identical.
+    hf: `dst` is a folder with config.json and model.safetensors for `Dinov2Model.from_pretrained` (or
+      `Dinov2WithRegistersModel`).
+    """
+    from opendino.models import convert
+
+    if to not in ("official", "timm", "hf"):
+        raise ValueError(f"to={to!r}: expected 'official', 'timm' or 'hf'")
+    state, known = load_backbone_state(src)
+    kwargs = _resolve_arch(state, known, arch)
+    with torch.device("meta"):
+        reference = DinoVisionTransformer(**kwargs)
+    _check_fits(reference, state)  # never write a checkpoint that would not load
+    state = {k: state[k] for k in reference.state_dict()}  # the official key order
+    dst = Path(dst)
+    if to == "official":
+        _write_state(state, dst, {_METADATA_KEY: json.dumps(kwargs)} if dst.suffix == ".safetensors" else None)
+    elif to == "timm":
+        name, timm_kwargs = convert.timm_model_name_and_kwargs(**kwargs)
+        meta = {"timm_model": name, "timm_kwargs": json.dumps(timm_kwargs), _METADATA_KEY: json.dumps(kwargs)}
+        _write_state(convert.official_to_timm(state), dst, meta if dst.suffix == ".safetensors" else None)
+        _write_state(convert.timm_extras(state), _timm_sidecar(dst), {})
+        print(f"timm.create_model({name!r}, pretrained=False, **{timm_kwargs})")
+    else:
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / "config.json").write_text(json.dumps(convert.hf_config_from_official(**kwargs), indent=2))
+        _write_state(convert.official_to_hf(state, names="hub"), dst / "model.safetensors", {"format": "pt"})
+    return dst
