@@ -382,3 +382,15 @@ def test_dataloader_with_workers_reports_bad_images(odd_folder: Path) -> None:
     assert {names[i]: reason for i, reason in bad.items()}.keys() == BAD_NAMES.keys()
     for i, reason in bad.items():
         assert BAD_NAMES[names[i]] in reason
+
+
+def test_extreme_aspect_ratio_is_refused_before_decoding(tmp_path):
+    from opendino.data.sources import MAX_ASPECT_RATIO
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (MAX_ASPECT_RATIO * 3 + 1, 3)).save(strip)
+    with pytest.raises(BadImageError, match="extreme aspect ratio"):
+        load_image(strip)
+    ok = tmp_path / "panorama.png"
+    Image.new("RGB", (MAX_ASPECT_RATIO * 3, 3)).save(ok)
+    assert load_image(ok).size == (MAX_ASPECT_RATIO * 3, 3)

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
     "BadImageError",
     "ImageDataset",
     "Sample",
@@ -37,6 +38,8 @@ __all__ = [
 
 # Pillow's own hard error threshold (2 * its default MAX_IMAGE_PIXELS); checked per image, Pillow's globals untouched.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+# Longer side over shorter side beyond which an image is refused (no real photo is a 1 x 1000 strip).
+MAX_ASPECT_RATIO = 100
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Formats Pillow registers but that we never open: MPEG is identify-only (no pixels) and EPS decoding runs a
@@ -81,6 +84,9 @@ def _check_pixels(path: str, size: tuple[int, int], max_pixels: int | None) -> N
     pixels = size[0] * size[1]
     if max_pixels is not None and pixels > max_pixels:
         raise BadImageError(path, f"decompression bomb: {size[0]}x{size[1]} = {pixels} pixels > limit {max_pixels}")
+    if max(size) > MAX_ASPECT_RATIO * min(size):
+        # resizing the shorter side of a 1 x 100000 strip to 256 would ask for billions of pixels
+        raise BadImageError(path, f"extreme aspect ratio: {size[0]}x{size[1]} (more than {MAX_ASPECT_RATIO}:1)")
 
 
 def _check_file(path: str) -> None:
