@@ -146,3 +146,32 @@ def test_dino_head_parity(fixture):
     with torch.no_grad():
         _close(head.mlp(data["in"]["x"]), data["out"]["bottleneck"])
         _close(head(data["in"]["x"]), data["out"]["y"])
+
+
+INIT = json.loads((FIXTURES / "init_seed0.json").read_text())
+
+
+def _stats(sd: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    return {
+        k: [v.double().sum().item(), v.double().square().sum().item(), *v.double().flatten()[:4].tolist()]
+        for k, v in sd.items()
+    }
+
+
+@pytest.mark.parametrize("name", [k for k in INIT if k.startswith("vit")])
+def test_same_seed_gives_the_official_initial_weights(name):
+    torch.manual_seed(INIT["_meta"]["seed"])
+    model = DinoVisionTransformer(**INIT[name]["kwargs"])
+    got, expected = _stats(model.state_dict()), INIT[name]["tensors"]
+    assert list(got) == list(expected)
+    for k in expected:
+        torch.testing.assert_close(torch.tensor(got[k]), torch.tensor(expected[k]), rtol=1e-7, atol=1e-12, msg=k)
+
+
+def test_same_seed_gives_the_official_head_init():
+    torch.manual_seed(INIT["_meta"]["seed"])
+    head = DINOHead(**INIT["dino_head"]["kwargs"])
+    got, expected = _stats(head.state_dict()), INIT["dino_head"]["tensors"]
+    assert set(got) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(torch.tensor(got[k]), torch.tensor(expected[k]), rtol=1e-7, atol=1e-12, msg=k)

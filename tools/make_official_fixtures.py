@@ -204,6 +204,20 @@ def _compact_json(obj) -> str:
     )
 
 
+INIT_VIT_KWARGS = dict(img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=4, block_chunks=0)
+
+
+def _init_stats(sd) -> dict:
+    """{key: [sum, sum of squares, first 4 values]} in float64, rounded to 10 significant digits."""
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().double().flatten()
+        out[k] = [float(f"{v.sum().item():.10g}"), float(f"{v.square().sum().item():.10g}")] + [
+            float(f"{x:.10g}") for x in v[:4].tolist()
+        ]
+    return out
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -533,6 +547,30 @@ def main(argv=None) -> int:
 
     path = out_dir / "tiny_cases.json"
     path.write_text(_compact_json(tiny_json))
+    written.append(path)
+
+    # ---- d. init_seed0.json: the official initialisation under torch.manual_seed(0) ---------------------------------
+    # Per-tensor statistics (sum, sum of squares, first values) of freshly built models, so a re-implementation can
+    # check that the same seed draws the same initial weights, in the same order.
+    init_cases = {
+        "vit_reg2_ls": dict(INIT_VIT_KWARGS, num_register_tokens=2, init_values=1e-5),
+        "vit_swiglu_nols": dict(INIT_VIT_KWARGS, ffn_layer="swiglufused", init_values=None),
+    }
+    init_json: dict = {"_meta": {"official_commit": git["commit"], "torch": torch.__version__, "seed": 0}}
+    for name, kw in init_cases.items():
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = DVT(block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention), **kw)
+        init_json[name] = {"kwargs": kw, "tensors": _init_stats(model.state_dict())}
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=48, out_dim=100, nlayers=3, hidden_dim=32, bottleneck_dim=16)
+    init_json["dino_head"] = {
+        "kwargs": dict(in_dim=48, out_dim=100, nlayers=3, hidden_dim=32, bottleneck_dim=16),
+        "tensors": _init_stats(head.state_dict()),
+    }
+    path = out_dir / "init_seed0.json"
+    path.write_text(_compact_json(init_json))
     written.append(path)
 
     total = 0
