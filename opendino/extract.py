@@ -166,7 +166,8 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
         max_pixels=cfg.max_image_pixels,
     )
     started, n_done, n_bad = time.perf_counter(), 0, 0
-    current, rows = -1, {}
+    current: int = -1
+    rows: dict[str, Any] = {}
     bar = tqdm(total=len(todo), unit="img", desc="extract", initial=0, dynamic_ncols=True, disable=None)
     batches = iter_features(model, loader, outputs=outputs, device=device, amp=cfg.amp, channels_last=cfg.channels_last)
     for s, fb in _batches_by_shard(batches, cfg.shard_size):

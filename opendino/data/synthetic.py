@@ -87,9 +87,9 @@ def _texture(kind: str) -> Callable[[ImageDraw.ImageDraw, np.random.Generator, i
                         d.rectangle((x, y, x + half - 1, y + half - 1), fill=fg)
         elif kind == "dots":
             rad = max(1.5, period / 4)
-            for y in np.arange(rng.uniform(0, period), size, period):
-                for x in np.arange(rng.uniform(0, period), size, period):
-                    d.ellipse((x - rad, y - rad, x + rad, y + rad), fill=fg)
+            for cy in np.arange(rng.uniform(0, period), size, period).tolist():
+                for cx in np.arange(rng.uniform(0, period), size, period).tolist():
+                    d.ellipse((cx - rad, cy - rad, cx + rad, cy + rad), fill=fg)
 
     return draw
 

@@ -12,7 +12,6 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -140,9 +139,9 @@ def extract_features(
     from opendino.models.hub import load_backbone
 
     dev = pick_device(device)
-    model = backbone if isinstance(backbone, torch.nn.Module) else load_backbone(backbone, device=dev)
+    model = backbone if isinstance(backbone, torch.nn.Module) else load_backbone(os.fspath(backbone), device=dev)
     model = model.to(dev).eval()
-    paths = list(data) if isinstance(data, list | tuple) else list_images(Path(data))
+    paths = list(data) if isinstance(data, list | tuple) else list_images(os.fspath(data))  # type: ignore[arg-type]
     loader = make_loader(paths, transform or make_eval_transform(), batch_size=batch_size, num_workers=num_workers)
     chunks: dict[str, list[Tensor]] = {k: [] for k in outputs}
     kept: list[int] = []

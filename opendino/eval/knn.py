@@ -35,7 +35,7 @@ def knn_scores(
     ks = [min(k, train.shape[0]) for k in ks]
     max_k = max(ks)
     train = F.normalize(train.float(), dim=1)
-    scores = {k: [] for k in ks}
+    scores: dict[int, list[Tensor]] = {k: [] for k in ks}
     for start in range(0, queries.shape[0], chunk_size):
         q = F.normalize(queries[start : start + chunk_size].float(), dim=1)
         sims, idx = (q @ train.T).topk(max_k, dim=1)  # (c, max_k), sorted descending

@@ -245,7 +245,7 @@ class DinoVisionTransformer(nn.Module):
         """Official output dict for a (B, C, H, W) tensor, or a list of dicts for a list of tensors (crops of
         different sizes), with `masks` (B, N) bool or a list of such (or None)."""
         if isinstance(x, list | tuple):
-            masks_list = [None] * len(x) if masks is None else masks
+            masks_list: Sequence[Tensor | None] = [None] * len(x) if masks is None else masks  # type: ignore[assignment]
             if len(masks_list) != len(x):
                 raise ValueError(f"got {len(x)} inputs but {len(masks_list)} masks")
             return self.forward_features_list(x, masks_list)
