@@ -26,7 +26,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     out = Path(cfg.out)
     items = make_shapes_dataset(out / "images", n_per_class=cfg.n_per_class, size=cfg.image_size, seed=cfg.seed)
     list_file = out / "images.txt"
-    list_file.write_text("".join(p + "\n" for p, _ in items))
+    list_file.write_text("".join(str(Path(p).resolve()) + "\n" for p, _ in items))  # list entries resolve from here
     label_of = {str(Path(p).resolve()): y for p, y in items}
     crop = cfg.image_size // 14 * 14 if cfg.backbone != "debug" else cfg.image_size // 8 * 8
     summary = run_extract(
@@ -44,6 +44,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         )
     )
     feats = load_extracted(out / "features")
+    if summary["n_bad"]:
+        raise RuntimeError(f"{summary['n_bad']} generated images could not be read: see {out}/features/bad_images.tsv")
     labels = torch.tensor([label_of[str(Path(p).resolve())] for p in feats["paths"]])
     cls = torch.from_numpy(np.asarray(feats["cls"]))
     # even / odd images of each class: train / val

@@ -29,6 +29,8 @@ def knn_scores(
     chunk_size: int = 1024,
 ) -> dict[int, Tensor]:
     """{k: (n_queries, num_classes) class scores}. `train` (n, D), `queries` (m, D); normalised here."""
+    if train.shape[0] == 0 or queries.shape[0] == 0:
+        raise ValueError(f"kNN needs training and query features, got {train.shape[0]} and {queries.shape[0]}")
     if train.shape[0] != train_labels.shape[0]:
         raise ValueError(f"{train.shape[0]} training features but {train_labels.shape[0]} labels")
     num_classes = num_classes or int(train_labels.max()) + 1
@@ -57,6 +59,10 @@ def knn_accuracy(
     temperature: float = 0.07,
 ) -> dict[int, float]:
     """{k: top-1 accuracy} of the weighted kNN classifier."""
+    if train_labels.numel() == 0 or query_labels.numel() == 0:
+        raise ValueError(
+            f"kNN needs labelled training and query sets, got {train_labels.numel()} and {query_labels.numel()}"
+        )
     num_classes = int(max(train_labels.max(), query_labels.max())) + 1
     scores = knn_scores(train, train_labels, queries, ks=ks, temperature=temperature, num_classes=num_classes)
     return {k: (s.argmax(dim=1) == query_labels).float().mean().item() for k, s in scores.items()}
