@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _util import chunk_block_keys
 from safetensors.torch import save_file
 
 import opendino
@@ -70,12 +71,7 @@ def test_safetensors_carries_the_architecture(model, tmp_path):
 
 def test_official_training_checkpoint_teacher_with_chunked_blocks(model, tmp_path):
     chunked = build_vit("debug", block_chunks=2, num_register_tokens=2, init_values=1.0, interpolate_antialias=True)
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("blocks."):
-            i = int(k.split(".")[1])
-            k = f"blocks.{i // 2}.{k[len('blocks.') :]}"
-        sd[k] = v
+    sd = chunk_block_keys(model.state_dict(), 2)
     chunked.load_state_dict(sd, strict=True)
     head = DINOHead(96, 10, hidden_dim=16, bottleneck_dim=8)
     teacher = {f"backbone.{k}": v for k, v in chunked.state_dict().items()}

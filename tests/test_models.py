@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _util import chunk_block_keys
 
 from opendino.models import PRESETS, DINOHead, DinoVisionTransformer, build_vit
 from opendino.models.hub import HUB_MODELS, build_backbone, hub_kwargs
@@ -125,12 +126,7 @@ def test_chunked_model_matches_flat_model():
     torch.manual_seed(0)
     flat = build_vit("debug", block_chunks=0, init_values=0.5).eval()
     chunked = build_vit("debug", block_chunks=2, init_values=0.5).eval()
-    sd = {}
-    for k, v in flat.state_dict().items():
-        if k.startswith("blocks."):
-            i = int(k.split(".")[1])
-            k = f"blocks.{i // 2}.{k[len('blocks.') :]}"
-        sd[k] = v
+    sd = chunk_block_keys(flat.state_dict(), 2)
     chunked.load_state_dict(sd, strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
