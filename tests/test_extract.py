@@ -171,3 +171,20 @@ def test_full_image_mode(tmp_path):
     run_extract(_cfg(folder, tmp_path / "out", full_image=(32, 96), patch_tokens=True))
     assert load_extracted(tmp_path / "out")["patch"].shape == (1, 4 * 12, 96)
     assert os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+@pytest.mark.slow
+def test_compile_option_really_compiles(tmp_path):
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(folder / f"{i}.png")
+    dynamo.reset()
+    counters.clear()
+    eager = load_extracted(tmp_path / "e") if run_extract(_cfg(folder, tmp_path / "e")) else None
+    run_extract(_cfg(folder, tmp_path / "c", compile=True))
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward went through the compiler
+    np.testing.assert_allclose(load_extracted(tmp_path / "c")["cls"], eager["cls"], atol=1e-4)
