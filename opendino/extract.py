@@ -33,7 +33,7 @@ from opendino.config import ConfigError, ExtractConfig, to_dict
 from opendino.data.augment import make_eval_transform, make_resize_transform
 from opendino.data.sources import list_images
 from opendino.eval.features import FeatureBatch, iter_features, make_loader, pick_device
-from opendino.models.hub import HUB_MODELS, load_backbone
+from opendino.models.hub import RUN_BACKBONE_FILE, is_preset, load_backbone
 
 __all__ = ["load_extracted", "run_extract"]
 
@@ -42,10 +42,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def _backbone_identity(source: str) -> dict[str, Any]:
-    path = Path(source).expanduser()
-    if source in HUB_MODELS and not path.exists():
+    if is_preset(source):
         return {"preset": source, "seed": 0}
-    target = path / "teacher_backbone.safetensors" if (path / "teacher_backbone.safetensors").exists() else path
+    path = Path(source).expanduser()
+    target = path / RUN_BACKBONE_FILE if (path / RUN_BACKBONE_FILE).exists() else path
     st = target.stat()
     return {"path": str(target.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -53,13 +53,13 @@ def _backbone_identity(source: str) -> dict[str, Any]:
 def _fingerprint(cfg: ExtractConfig, paths: list[str]) -> dict[str, Any]:
     """Everything that decides the contents of the shards: a resumed run must match it exactly."""
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in {"num_workers", "overwrite", "compile", "out"}}
-    settings.pop("batch_size")
+    ignored = {"num_workers", "overwrite", "compile", "out", "batch_size"}  # change speed or place, not contents
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ignored}
     return {"backbone": _backbone_identity(cfg.backbone), "n_images": len(paths), "paths_sha256": digest, **settings}
 
 
-def _shard_stem(out: Path, s: int) -> Path:
-    return out / f"shard-{s:05d}"
+def _shard_path(out: Path, s: int, suffix: str) -> Path:
+    return out / f"shard-{s:05d}{suffix}"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -69,25 +69,24 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _write_shard(out: Path, s: int, cfg: ExtractConfig, rows: dict[str, Any], paths: list[str]) -> None:
-    stem = _shard_stem(out, s)
     tensors = {"index": torch.tensor(rows["index"], dtype=torch.int64)}
     for name, chunks in rows["features"].items():
         t = torch.cat(chunks) if chunks else torch.zeros((0, *rows["shapes"][name]))  # a shard of only bad images
         tensors[name] = t.to(_DTYPES[cfg.save_dtype]).contiguous()
     if cfg.format == "safetensors":
-        tmp = stem.with_name(stem.name + ".safetensors.tmp")
+        tmp = _shard_path(out, s, ".safetensors.tmp")
         save_file(tensors, str(tmp))
-        os.replace(tmp, stem.with_name(stem.name + ".safetensors"))
+        os.replace(tmp, _shard_path(out, s, ".safetensors"))
     else:
         for name, t in tensors.items():
-            final = stem.with_name(f"{stem.name}.{name}.npy")
-            tmp = final.with_name(final.name + ".tmp.npy")
+            final = _shard_path(out, s, f".{name}.npy")
+            tmp = _shard_path(out, s, f".{name}.tmp.npy")
             np.save(tmp, t.numpy())
             os.replace(tmp, final)
     bad_lines = "".join(f"{paths[i]}\t{reason}\n" for i, reason in rows["bad"])
-    _atomic_write_text(stem.with_name(stem.name + ".bad.tsv"), bad_lines)
+    _atomic_write_text(_shard_path(out, s, ".bad.tsv"), bad_lines)
     # last: the paths file marks the shard complete
-    _atomic_write_text(stem.with_name(stem.name + ".paths.txt"), "".join(paths[i] + "\n" for i in rows["index"]))
+    _atomic_write_text(_shard_path(out, s, ".paths.txt"), "".join(paths[i] + "\n" for i in rows["index"]))
 
 
 def _prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
@@ -110,7 +109,7 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> Non
 
 def _pending_indices(out: Path, n_images: int, shard_size: int) -> list[int]:
     n_shards = math.ceil(n_images / shard_size)
-    todo = [s for s in range(n_shards) if not _shard_stem(out, s).with_name(f"shard-{s:05d}.paths.txt").exists()]
+    todo = [s for s in range(n_shards) if not _shard_path(out, s, ".paths.txt").exists()]
     return [i for s in todo for i in range(s * shard_size, min((s + 1) * shard_size, n_images))]
 
 

@@ -19,7 +19,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from safetensors import safe_open
@@ -35,6 +35,7 @@ __all__ = [
     "build_backbone",
     "hub_kwargs",
     "infer_arch",
+    "is_preset",
     "load_backbone",
     "load_backbone_state",
     "run_convert",
@@ -71,6 +72,11 @@ _HEADS_BY_DIM[PRESETS["vit_giant2"]["embed_dim"]] = PRESETS["vit_giant2"]["num_h
 _METADATA_KEY = "opendino.arch"
 RUN_BACKBONE_FILE = "teacher_backbone.safetensors"
 TIMM_EXTRAS_SUFFIX = ".opendino-extras.safetensors"
+
+
+def is_preset(source: str | Path) -> TypeGuard[str]:
+    """A preset name (random weights) rather than a path; an existing file of that name wins."""
+    return isinstance(source, str) and source in HUB_MODELS and not Path(source).exists()
 
 
 class CheckpointMismatchError(ValueError):
@@ -307,7 +313,7 @@ def load_backbone(
     `arch` overrides architecture keywords that cannot be read off the weights (e.g. `num_heads`, interpolation).
     `dtype` casts the weights (float32 by default; None keeps the checkpoint's).
     """
-    if isinstance(source, str) and source in HUB_MODELS and not Path(source).exists():
+    if is_preset(source):
         warnings.warn(
             f"{source!r}: randomly initialised weights (opendino never downloads); pass a checkpoint path for "
             "pretrained weights",
@@ -324,21 +330,17 @@ def load_backbone(
 
 
 def save_backbone(model: DinoVisionTransformer, path: str | Path) -> Path:
-    """Write the backbone in the official key layout (flat blocks): `.safetensors` with the architecture in its
-    metadata, or a tensors-only `.pth` as the official releases are."""
+    """Write the backbone in the official key layout (flat blocks), atomically: `.safetensors` with the architecture
+    in its metadata, or a tensors-only `.pth` as the official releases are."""
     path = Path(path)
-    state = _to_official({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        save_file(state, str(tmp), metadata={_METADATA_KEY: json.dumps({**model.arch, "block_chunks": 0})})
-    else:
-        torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a reader never sees a half-written file
+    state = _to_official({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    metadata = {_METADATA_KEY: json.dumps({**model.arch, "block_chunks": 0})} if path.suffix == ".safetensors" else None
+    _write_state(state, path, metadata)
     return path
 
 
 def _write_state(state: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A temporary file renamed into place: a reader never sees a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
