@@ -3,26 +3,29 @@
 ``load_image`` turns any file Pillow can decode into an 8-bit RGB ``PIL.Image`` (EXIF orientation applied,
 alpha composited onto white, 16-bit and float data rescaled) and raises one exception type,
 ``BadImageError``, for everything else: truncated, empty, non-image or oversized files.
-``list_images`` lists an image folder, a text file list or a CSV file; ``ImageDataset`` plus
+``load_image_bytes`` applies the same rules to encoded bytes (tar shard members). ``list_images`` lists an image
+folder, a text file list or a manifest table, and ``source_kind`` tells training sources apart; ``ImageDataset`` plus
 ``collate_skip_bad`` carry bad-image reasons from DataLoader workers back to the main process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
+import io
 import operator
 import os
 import stat
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from opendino.data.manifest import MANIFEST_SUFFIXES, read_manifest_paths
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -30,10 +33,13 @@ __all__ = [
     "BadImageError",
     "ImageDataset",
     "Sample",
+    "SourceKind",
     "collate_skip_bad",
     "image_extensions",
     "list_images",
     "load_image",
+    "load_image_bytes",
+    "source_kind",
 ]
 
 # Pillow's own hard error threshold (2 * its default MAX_IMAGE_PIXELS); checked per image, Pillow's globals untouched.
@@ -87,6 +93,11 @@ def _check_pixels(path: str, size: tuple[int, int], max_pixels: int | None) -> N
     if max(size) > MAX_ASPECT_RATIO * min(size):
         # resizing the shorter side of a 1 x 100000 strip to 256 would ask for billions of pixels
         raise BadImageError(path, f"extreme aspect ratio: {size[0]}x{size[1]} (more than {MAX_ASPECT_RATIO}:1)")
+
+
+def _check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or max_pixels <= 0):
+        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
 
 
 def _check_file(path: str) -> None:
@@ -143,16 +154,30 @@ def _apply_exif_orientation(img: Image.Image) -> None:
         ImageOps.exif_transpose(img, in_place=True)
 
 
-def _decode(path: str, max_pixels: int | None) -> Image.Image:
+def _decode(fp: str | io.BytesIO, name: str, max_pixels: int | None) -> Image.Image:
     with warnings.catch_warnings():
         # Pillow warns above its global MAX_IMAGE_PIXELS; our explicit max_pixels check is the one that decides.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path, formats=_readable_formats()) as img:
-            _check_pixels(path, img.size, max_pixels)  # declared size, before any pixel is decoded
+        with Image.open(fp, formats=_readable_formats()) as img:
+            _check_pixels(name, img.size, max_pixels)  # declared size, before any pixel is decoded
             img.load()  # full decode inside the try: lazy decoding errors (truncation) surface here
-            _check_pixels(path, img.size, max_pixels)  # some formats (ICO, GIF frames) change size on load
+            _check_pixels(name, img.size, max_pixels)  # some formats (ICO, GIF frames) change size on load
             _apply_exif_orientation(img)
             return _to_rgb(img)  # always a new image, independent of the file closed by the ``with``
+
+
+def _decode_or_bad(fp: str | io.BytesIO, name: str, max_pixels: int | None) -> Image.Image:
+    """``_decode`` with every failure turned into a ``BadImageError`` naming ``name``."""
+    try:
+        return _decode(fp, name, max_pixels)
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImageError(name, f"decompression bomb: {e}") from e
+    except UnidentifiedImageError as e:
+        raise BadImageError(name, "not a recognised image format") from e
+    except Exception as e:  # decoding untrusted files: any failure (OSError, SyntaxError, struct.error, ...) is "bad"
+        raise BadImageError(name, f"{type(e).__name__}: {e}") from e
 
 
 def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -164,19 +189,17 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     process has set ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` (this module never does).
     """
     path = os.fspath(path)
-    if max_pixels is not None and (isinstance(max_pixels, bool) or max_pixels <= 0):
-        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
+    _check_max_pixels(max_pixels)
     _check_file(path)
-    try:
-        return _decode(path, max_pixels)
-    except BadImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise BadImageError(path, f"decompression bomb: {e}") from e
-    except UnidentifiedImageError as e:
-        raise BadImageError(path, "not a recognised image format") from e
-    except Exception as e:  # decoding untrusted files: any failure (OSError, SyntaxError, struct.error, ...) is "bad"
-        raise BadImageError(path, f"{type(e).__name__}: {e}") from e
+    return _decode_or_bad(path, path, max_pixels)
+
+
+def load_image_bytes(data: bytes, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """``load_image`` for encoded bytes (e.g. a tar shard member); ``name`` only labels the ``BadImageError``."""
+    _check_max_pixels(max_pixels)
+    if not data:
+        raise BadImageError(name, "empty file (0 bytes)")
+    return _decode_or_bad(io.BytesIO(data), name, max_pixels)
 
 
 # ------------------------------------------------------------------------------------------------------------ listing
@@ -206,31 +229,15 @@ def _read_text_list(list_file: str) -> list[str]:
     return [_resolve(e, base_dir) for e in entries if e and not e.startswith("#")]
 
 
-def _read_csv_list(csv_file: str) -> list[str]:
-    """Paths from the ``path`` column; an empty cell is an error, other columns are ignored."""
-    base_dir = os.path.dirname(csv_file)
-    with open(csv_file, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if "path" not in columns:
-            raise ValueError(f"{csv_file}: no 'path' column (columns: {columns})")
-        reader.fieldnames = columns
-        paths = []
-        for row in reader:
-            entry = (row.get("path") or "").strip()
-            if not entry:
-                raise ValueError(f"{csv_file}: empty 'path' on line {reader.line_num}")
-            paths.append(_resolve(entry, base_dir))
-    return paths
-
-
 def list_images(source: str | os.PathLike[str], *, extensions: Iterable[str] | None = None) -> list[str]:
-    """List the images of ``source``: a folder, a text file list (.txt/.lst/.list) or a ``.csv`` with a ``path`` column.
+    """List the images of ``source``: a folder, a text file list (.txt/.lst/.list) or a table with a ``path`` column.
 
     A folder is walked recursively (hidden files and folders skipped, sorted deterministically) and keeps the files
     whose extension is in ``extensions`` (default: every format Pillow can decode, case-insensitive). List entries
     are kept in file order, relative ones resolved against the list file's folder; they are not checked for
-    existence (a missing file becomes a ``BadImageError`` when loaded). Returns absolute, normalised paths.
+    existence (a missing file becomes a ``BadImageError`` when loaded). A table is a ``.csv``, ``.tsv`` or
+    ``.parquet`` manifest (``data.manifest``): its ``path`` column, other columns (weights too) ignored. Returns
+    absolute, normalised paths.
     """
     path = os.path.abspath(os.fspath(source))
     if not os.path.exists(path):
@@ -238,12 +245,14 @@ def list_images(source: str | os.PathLike[str], *, extensions: Iterable[str] | N
     if os.path.isdir(path):
         exts = image_extensions() if extensions is None else frozenset(_normalise_ext(e) for e in extensions)
         paths = _list_folder(path, exts)
-    elif path.lower().endswith(".csv"):
-        paths = _read_csv_list(path)
+    elif path.lower().endswith(MANIFEST_SUFFIXES):
+        paths = read_manifest_paths(path)
     elif path.lower().endswith(_LIST_SUFFIXES):
         paths = _read_text_list(path)
     else:
-        raise ValueError(f"unsupported image source {path!r}: expected a folder, a .csv or one of {_LIST_SUFFIXES}")
+        raise ValueError(
+            f"unsupported image source {path!r}: expected a folder or one of {MANIFEST_SUFFIXES + _LIST_SUFFIXES}"
+        )
     if not paths:
         raise ValueError(f"no images found in {path!r}")
     return paths
@@ -254,6 +263,37 @@ def _normalise_ext(ext: str) -> str:
     if not ext or ext == ".":
         raise ValueError(f"invalid extension {ext!r}")
     return ext if ext.startswith(".") else "." + ext
+
+
+_SHARD_SUFFIXES = (".tar",)
+_PATTERN_CHARS = frozenset("*?[{")
+SourceKind = Literal["folder", "list", "manifest", "shards"]
+
+
+def source_kind(source: str | os.PathLike[str]) -> SourceKind:
+    """Which kind of training source ``source`` names, from its shape only (files are not opened).
+
+    ``"shards"``: a ``.tar`` file or a glob / brace pattern (``/data/train-{000..099}.tar``, ``/data/*.tar``) that
+    is not itself an existing path; ``"folder"``: an existing folder; ``"manifest"``: a ``.csv`` / ``.tsv`` /
+    ``.parquet`` table (a ``.csv`` without a ``weight`` column is a plain file list too, read identically);
+    ``"list"``: a .txt/.lst/.list file list.
+    """
+    text = os.fspath(source)
+    if os.path.isdir(text):
+        return "folder"
+    lower = text.lower()
+    if lower.endswith(_SHARD_SUFFIXES) or (not os.path.exists(text) and _PATTERN_CHARS & set(text)):
+        return "shards"
+    if not os.path.exists(text):
+        raise ValueError(f"image source does not exist: {text!r}")
+    if lower.endswith(MANIFEST_SUFFIXES):
+        return "manifest"
+    if lower.endswith(_LIST_SUFFIXES):
+        return "list"
+    raise ValueError(
+        f"unsupported image source {text!r}: expected a folder, tar shards (.tar or a pattern), "
+        f"a manifest {MANIFEST_SUFFIXES} or a file list {_LIST_SUFFIXES}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ dataset
@@ -290,8 +330,7 @@ class ImageDataset(Dataset):
         *,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
-        if max_pixels is not None and (isinstance(max_pixels, bool) or max_pixels <= 0):
-            raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
+        _check_max_pixels(max_pixels)
         self.paths = [os.fspath(p) for p in paths]
         self.transform = transform
         self.max_pixels = max_pixels
