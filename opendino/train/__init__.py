@@ -1,0 +1,1 @@
+"""Self-supervised DINOv2 training: schedules and optimiser parameter groups (`schedules`)."""
