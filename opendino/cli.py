@@ -70,6 +70,46 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_train_config(source: str | None, overrides: Sequence[str]) -> config.TrainConfig:
+    """A training config from a YAML file or a preset name (see `opendino.presets`), plus key=value overrides."""
+    from pathlib import Path
+
+    from opendino import presets
+
+    if source is None:
+        return config.load(config.TrainConfig, None, overrides)
+    if Path(source).suffix in (".yaml", ".yml") or Path(source).exists():
+        if not Path(source).is_file():
+            raise config.ConfigError(f"{source}: no such config file (presets: {sorted(presets.PRESETS)})")
+        return config.load(config.TrainConfig, source, overrides)
+    return config.load(config.TrainConfig, None, overrides, base=presets.preset_overrides(source))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    source, overrides = args.config, list(args.overrides)
+    if source is not None and "=" in source:  # no CONFIG given: the first argument is already an override
+        source, overrides = None, [source, *overrides]
+    cfg = load_train_config(source, overrides)
+    if args.print_config:
+        print(config.dump_yaml(cfg), end="")
+        return 0
+    from opendino.train.loop import run_train
+
+    summary = run_train(cfg)
+    from opendino import dist
+
+    if dist.is_main():
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from opendino.train.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from opendino.quickstart import run_quickstart
 
@@ -97,6 +137,22 @@ def _parser() -> argparse.ArgumentParser:
         "(no downloads)",
     )
     staged("extract", config.ExtractConfig, _cmd_extract, "write backbone features of an image folder or list")
+    train = sub.add_parser(
+        "train",
+        help="self-supervised DINOv2 pretraining (also under torchrun)",
+        description="Self-supervised DINOv2 pretraining. CONFIG is a YAML file (see configs/) or a preset name "
+        "(debug, vits14, vitb14, vitl14, vitg14, vitl16_short, small_vits14); key=value arguments override "
+        "its keys with dotted names, e.g. data.source=/images optim.base_lr=0.001. Restarting the same command "
+        "resumes from the last checkpoint in run.output_dir.",
+    )
+    train.add_argument("config", nargs="?", default=None, metavar="CONFIG", help="YAML file or preset name")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. data.source=/images")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(handler=_cmd_train)
+    plot = sub.add_parser("plot", help="draw the loss, schedule and monitor curves of a training run (PNG)")
+    plot.add_argument("run_dir", help="the run.output_dir of a training run")
+    plot.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/training.png)")
+    plot.set_defaults(handler=_cmd_plot)
     conv = sub.add_parser("convert", help="convert backbone weights between the official, timm and HF layouts")
     conv.add_argument("src", help="any checkpoint load_backbone reads (file, HF folder, run directory)")
     conv.add_argument("dst", help="output: a .pth / .safetensors file (official, timm) or a folder (hf)")

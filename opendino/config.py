@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -22,7 +23,31 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "ExtractConfig", "QuickstartConfig", "field_docs", "load", "parse_overrides", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "CropsConfig",
+    "DataConfig",
+    "DinoConfig",
+    "ExtractConfig",
+    "IbotConfig",
+    "KoleoConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "QuickstartConfig",
+    "RunConfig",
+    "SchedulesConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "dump_yaml",
+    "field_docs",
+    "global_batch_size",
+    "load",
+    "parse_overrides",
+    "run_iterations",
+    "scaled_lr",
+    "to_dict",
+    "total_iterations",
+]
 
 T = TypeVar("T")
 
@@ -32,6 +57,17 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- schemas
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {list(choices)}")
+
+
+def _check_positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)}: must be positive")
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """`opendino extract`: features of every image of a folder / list, written in resumable shards."""
@@ -74,27 +110,319 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class QuickstartConfig:
-    """`opendino quickstart`: the no-download demonstration on a generated labelled image set."""
+    """`opendino quickstart`: pretrain the debug ViT on generated images, then compare its kNN accuracy with random
+    initialisation (no download)."""
 
-    out: str = "runs/quickstart"  # folder for the generated images and the extracted features
-    backbone: str = "debug"  # backbone to extract with (preset name or checkpoint)
-    n_per_class: int = 40  # generated images per class (10 classes; half train, half val for kNN)
+    out: str = "runs/quickstart"  # folder for the generated images, the training run and quickstart.json
+    n_per_class: int = 100  # generated training images per class (10 classes); as many again for validation
     image_size: int = 64  # side of the generated images, in pixels
-    seed: int = 0  # seed of the image generator
-    batch_size: int = 64  # images per forward pass
-    num_workers: int = 0  # DataLoader decoding processes
+    crop_size: int = 32  # side of the global crops (a multiple of 8, the debug patch size); local crops are half
+    steps: int = 300  # training iterations (the schedules are sized to this)
+    batch_size: int = 32  # images per training step
+    num_workers: int = 1  # DataLoader decoding processes
+    seed: int = 0  # seed of the image generator, the initial weights and the training run
     device: str = "auto"  # "auto", "cpu", "cuda", ...
 
     def __post_init__(self) -> None:
         if self.n_per_class < 2:
-            raise ConfigError(f"n_per_class={self.n_per_class}: need at least 2 (one train, one val image)")
-        if self.image_size < 16 or self.batch_size <= 0 or self.num_workers < 0:
-            raise ConfigError("image_size must be >= 16, batch_size > 0 and num_workers >= 0")
+            raise ConfigError(f"n_per_class={self.n_per_class}: need at least 2 images per class")
+        if self.image_size < 16 or self.batch_size <= 0 or self.num_workers < 0 or self.steps <= 0:
+            raise ConfigError("image_size must be >= 16, batch_size and steps > 0, num_workers >= 0")
+        if self.crop_size % 16 or not 32 <= self.crop_size <= self.image_size:
+            raise ConfigError(f"crop_size={self.crop_size}: must be a multiple of 16 between 32 and image_size")
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r}: expected one of {list(choices)}")
+# ---------------------------------------------------------------------------------------------- training
+_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_giant2", "debug")
+_FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the unlabelled training images come from and how they are loaded."""
+
+    source: str = ""  # image folder (recursive), .txt list, .csv/.parquet manifest (path[,weight]) or tar shards glob
+    kind: str = "auto"  # auto, folder, list, manifest or shards ("auto": shards for *.tar patterns, else by suffix)
+    batch_size_per_gpu: int = 64  # images per process and step (official train.batch_size_per_gpu)
+    num_workers: int = 8  # DataLoader decoding processes per training process (0: decode in the main process)
+    shuffle: bool = True  # shuffle the image order (off only to debug)
+    shuffle_buffer: int = 1000  # samples held for shuffling within a worker (tar shards only)
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (GPU only)
+    max_image_pixels: int = 178_956_970  # larger images are skipped as decompression bombs
+
+    def __post_init__(self) -> None:
+        _check_choice("kind", self.kind, ("auto", "folder", "list", "manifest", "shards"))
+        _check_positive(self, "batch_size_per_gpu", "shuffle_buffer", "max_image_pixels")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class CropsConfig:
+    """Multi-crop augmentation (dinov2/data/augmentations.py)."""
+
+    global_crops_number: int = 2  # global crops per image (the official recipe and the losses assume 2)
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)  # RandomResizedCrop area range of the global crops
+    global_crops_size: int = 224  # side of the global crops in pixels, a multiple of the patch size
+    local_crops_number: int = 8  # local crops per image (0 disables them)
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)  # RandomResizedCrop area range of the local crops
+    local_crops_size: int = 96  # side of the local crops in pixels, a multiple of the patch size
+    blur: str = "official"  # "official": blur p 0.0/0.9/0.5 as the released models; "intended": 1.0/0.1/0.5
+
+    def __post_init__(self) -> None:
+        _check_choice("blur", self.blur, ("official", "intended"))
+        if self.global_crops_number != 2:
+            raise ConfigError(f"global_crops_number={self.global_crops_number}: only 2 is supported (official)")
+        if self.local_crops_number < 0:
+            raise ConfigError(f"local_crops_number={self.local_crops_number}: must be >= 0")
+        _check_positive(self, "global_crops_size", "local_crops_size")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"{name}={[lo, hi]}: expected 0 < min <= max <= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The student backbone (the teacher is built identically, without stochastic depth)."""
+
+    arch: str = "vit_large"  # vit_small, vit_base, vit_large, vit_giant2 or debug (tiny, for CPU tests)
+    patch_size: int = 16  # patch side in pixels (14 for the released models)
+    drop_path_rate: float = 0.3  # stochastic depth rate (student only); above 0.1 the batch-subset variant runs
+    drop_path_uniform: bool = True  # same rate in every block (else linearly increasing with depth)
+    layerscale: float = 1.0e-5  # LayerScale initial value (0: no LayerScale)
+    ffn_layer: str = "mlp"  # mlp, swiglu, swiglufused or identity
+    block_chunks: int = 0  # group blocks in chunks as the official training code (checkpoint key layout only)
+    qkv_bias: bool = True  # bias in the attention qkv projection
+    proj_bias: bool = True  # bias in the attention output projection
+    ffn_bias: bool = True  # biases in the feed-forward layers
+    num_register_tokens: int = 0  # register tokens (Darcet et al. 2024); 4 for the *_reg models
+    interpolate_antialias: bool = False  # antialiased bicubic position-embedding interpolation
+    interpolate_offset: float = 0.1  # official position-embedding interpolation offset (0 for the *_reg models)
+    pretrained_weights: str = ""  # start the student and teacher backbones from these weights ("" = random init)
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, _ARCHS)
+        _check_choice("ffn_layer", self.ffn_layer, _FFN_LAYERS)
+        _check_positive(self, "patch_size")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError(f"drop_path_rate={self.drop_path_rate}: expected 0 <= rate < 1")
+        if self.layerscale < 0 or self.num_register_tokens < 0 or self.block_chunks < 0:
+            raise ConfigError("layerscale, num_register_tokens and block_chunks must be >= 0")
+
+
+@dataclass(frozen=True)
+class DinoConfig:
+    """The DINO (image-level, CLS token) objective and its head."""
+
+    loss_weight: float = 1.0  # weight of the DINO loss in the total
+    head_n_prototypes: int = 65536  # output dimension of the DINO head (prototypes)
+    head_bottleneck_dim: int = 256  # dimension before the weight-normalised prototype layer
+    head_nlayers: int = 3  # MLP layers of the head
+    head_hidden_dim: int = 2048  # hidden width of the head MLP
+    student_temp: float = 0.1  # student softmax temperature (official loss-module default)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim")
+        _check_positive(self, "student_temp")
+        if self.loss_weight < 0:
+            raise ConfigError(f"loss_weight={self.loss_weight}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class IbotConfig:
+    """The iBOT (masked patch tokens) objective, its masking and its head."""
+
+    loss_weight: float = 1.0  # weight of the iBOT loss in the total (0 disables masking and the loss)
+    mask_sample_probability: float = 0.5  # share of the global crops that get a mask
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)  # masked share of patches, spread over the masked crops
+    separate_head: bool = False  # untied iBOT head (True in the official ViT-L/g recipes); False: share the DINO head
+    head_n_prototypes: int = 65536  # output dimension of the iBOT head (separate head only)
+    head_bottleneck_dim: int = 256  # bottleneck dimension of the iBOT head (separate head only)
+    head_nlayers: int = 3  # MLP layers of the iBOT head (separate head only)
+    head_hidden_dim: int = 2048  # hidden width of the iBOT head (separate head only)
+    student_temp: float = 0.1  # student softmax temperature (official loss-module default)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim")
+        _check_positive(self, "student_temp")
+        if self.loss_weight < 0:
+            raise ConfigError(f"loss_weight={self.loss_weight}: must be >= 0")
+        if not 0 <= self.mask_sample_probability <= 1:
+            raise ConfigError(f"mask_sample_probability={self.mask_sample_probability}: expected 0..1")
+        lo, hi = self.mask_ratio_min_max
+        if not 0 <= lo <= hi <= 1:
+            raise ConfigError(f"mask_ratio_min_max={[lo, hi]}: expected 0 <= min <= max <= 1")
+
+
+@dataclass(frozen=True)
+class KoleoConfig:
+    """The KoLeo regulariser on the student's global-crop CLS features (official dino.koleo_loss_weight)."""
+
+    loss_weight: float = 0.1  # weight of the KoLeo term (0 disables it)
+
+    def __post_init__(self) -> None:
+        if self.loss_weight < 0:
+            raise ConfigError(f"loss_weight={self.loss_weight}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """EMA teacher: momentum, temperatures and centering of its outputs."""
+
+    momentum_teacher: float = 0.992  # EMA momentum at the start (cosine schedule to final_momentum_teacher)
+    final_momentum_teacher: float = 1.0  # EMA momentum at the end of training
+    warmup_teacher_temp: float = 0.04  # teacher temperature at the start (linear warm-up)
+    teacher_temp: float = 0.07  # teacher temperature after the warm-up
+    centering: str = "centering"  # "centering" (softmax with an EMA centre) or "sinkhorn_knopp" (3 iterations)
+    center_momentum: float = 0.9  # EMA momentum of the softmax centre (official loss-module default)
+
+    def __post_init__(self) -> None:
+        _check_choice("centering", self.centering, ("centering", "sinkhorn_knopp"))
+        for name in ("momentum_teacher", "final_momentum_teacher", "center_momentum"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected a value in [0, 1]")
+        _check_positive(self, "warmup_teacher_temp", "teacher_temp")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, learning rate and weight decay values (their schedules' lengths are in `schedules`)."""
+
+    base_lr: float = 0.004  # learning rate before scaling by the global batch (see scaling_rule)
+    lr: float = 0.0  # the learning rate actually used; 0 = derive it from base_lr with scaling_rule
+    min_lr: float = 1.0e-6  # learning rate at the end of the cosine decay
+    scaling_rule: str = "sqrt_wrt_1024"  # sqrt_wrt_1024: lr = base_lr * sqrt(global_batch / 1024)
+    weight_decay: float = 0.04  # weight decay at the start (cosine schedule to weight_decay_end)
+    weight_decay_end: float = 0.4  # weight decay at the end of training
+    clip_grad: float = 3.0  # gradient-norm clipping per student part (backbone, heads); 0 disables
+    patch_embed_lr_mult: float = 0.2  # learning-rate multiplier of the patch embedding
+    layerwise_decay: float = 0.9  # layer-wise learning-rate decay (1.0 = none)
+    adamw_beta1: float = 0.9  # AdamW beta1
+    adamw_beta2: float = 0.999  # AdamW beta2
+
+    def __post_init__(self) -> None:
+        _check_choice("scaling_rule", self.scaling_rule, ("sqrt_wrt_1024", "none"))
+        for name in ("base_lr", "lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
+        if not 0 < self.layerwise_decay <= 1 or self.patch_embed_lr_mult < 0:
+            raise ConfigError("layerwise_decay must be in (0, 1] and patch_embed_lr_mult >= 0")
+        for name in ("adamw_beta1", "adamw_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected 0 <= beta < 1")
+
+
+@dataclass(frozen=True)
+class SchedulesConfig:
+    """Lengths of the training schedules, in epochs of `epoch_length` iterations (official 'epochs')."""
+
+    epochs: int = 100  # length of training in epochs (total iterations = epochs * epoch_length)
+    epoch_length: int = 1250  # iterations per epoch (official OFFICIAL_EPOCH_LENGTH, independent of the data size)
+    warmup_epochs: int = 10  # linear learning-rate warm-up
+    warmup_teacher_temp_epochs: int = 30  # linear teacher-temperature warm-up
+    freeze_last_layer_epochs: int = 1  # the heads' last layer gets learning rate 0 for this long
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "epochs", "epoch_length")
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+            if not 0 <= getattr(self, name) <= self.epochs:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected 0 <= value <= epochs={self.epochs}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives and how it executes: devices, precision, parallelism, checkpoints, logging."""
+
+    output_dir: str = "runs/train"  # run directory: config.yaml, metrics.jsonl, TensorBoard, checkpoints/, backbone
+    seed: int = 0  # seed of initialisation, data order, augmentations and masks
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with a grad scaler) or fp32
+    parallel: str = "ddp"  # data parallelism over processes: ddp or fsdp (FSDP2 fully_shard)
+    compile: bool = False  # torch.compile each transformer block (GPU)
+    activation_checkpointing: bool = False  # recompute block activations in the backward pass to save memory
+    max_steps: int = 0  # stop after this many iterations (0: the full schedule); the schedules keep their length
+    checkpoint_every: int = 1250  # iterations between checkpoints (and at the end)
+    keep_last: int = 3  # checkpoints kept (older ones deleted)
+    resume: bool = True  # continue from the last checkpoint in output_dir when there is one
+    log_every: int = 10  # iterations between metric lines (metrics.jsonl, TensorBoard, console)
+    progress: str = "auto"  # console output: auto (bar on a terminal, lines otherwise), bar, line or none
+    tensorboard: bool = True  # write TensorBoard events to output_dir/tb
+    max_nonfinite_steps: int = 10  # consecutive steps with a non-finite loss before the run stops
+    knn_train: str = ""  # labelled folder (class sub-folders) for a periodic kNN evaluation ("" = off)
+    knn_val: str = ""  # labelled validation folder for the periodic kNN evaluation
+    knn_every: int = 0  # iterations between kNN evaluations (0: only at the end when knn_train is set)
+    knn_size: int = 224  # resize side of the kNN evaluation images (a multiple of the patch size)
+
+    def __post_init__(self) -> None:
+        _check_choice("precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _check_choice("parallel", self.parallel, ("ddp", "fsdp"))
+        _check_choice("progress", self.progress, ("auto", "bar", "line", "none"))
+        _check_positive(self, "checkpoint_every", "keep_last", "log_every", "max_nonfinite_steps", "knn_size")
+        if self.max_steps < 0 or self.knn_every < 0:
+            raise ConfigError("max_steps and knn_every must be >= 0")
+        if bool(self.knn_train) != bool(self.knn_val):
+            raise ConfigError("knn_train and knn_val go together: set both or neither")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`opendino train`: self-supervised DINOv2 pretraining (DINO + iBOT + KoLeo, EMA teacher)."""
+
+    data: DataConfig = DataConfig()  # training images
+    crops: CropsConfig = CropsConfig()  # multi-crop augmentation
+    model: ModelConfig = ModelConfig()  # student / teacher backbone
+    dino: DinoConfig = DinoConfig()  # DINO loss and head
+    ibot: IbotConfig = IbotConfig()  # iBOT loss, masking and head
+    koleo: KoleoConfig = KoleoConfig()  # KoLeo regulariser
+    teacher: TeacherConfig = TeacherConfig()  # EMA teacher
+    optim: OptimConfig = OptimConfig()  # optimiser values
+    schedules: SchedulesConfig = SchedulesConfig()  # schedule lengths
+    run: RunConfig = RunConfig()  # execution and outputs
+
+    def __post_init__(self) -> None:
+        p = self.model.patch_size
+        for name in ("global_crops_size", "local_crops_size"):
+            size = getattr(self.crops, name)
+            if size % p:
+                near = sorted({max(p, size // p * p), (size // p + 1) * p})
+                raise ConfigError(f"crops.{name}={size} is not a multiple of model.patch_size={p}; try one of {near}")
+        if self.run.knn_size % p:
+            raise ConfigError(f"run.knn_size={self.run.knn_size} is not a multiple of model.patch_size={p}")
+        if self.ibot.loss_weight > 0 and self.ibot.mask_sample_probability > 0:
+            n_tokens = (self.crops.global_crops_size // p) ** 2
+            if n_tokens < 8:  # the official mask generator: blocks of >= 4 patches, at most half the grid
+                raise ConfigError(
+                    f"crops.global_crops_size={self.crops.global_crops_size} gives {n_tokens} patches; iBOT block "
+                    "masking needs at least 8: use larger global crops or ibot.loss_weight=0"
+                )
+        if self.schedules.epochs * self.schedules.epoch_length < 1:
+            raise ConfigError("the schedule has no iterations")
+
+
+def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """Images per optimisation step over all processes."""
+    return cfg.data.batch_size_per_gpu * world_size
+
+
+def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
+    """The learning rate used: `optim.lr` when set, else `base_lr` scaled by the official rule (utils/config.py:25)."""
+    if cfg.optim.lr > 0:
+        return cfg.optim.lr
+    if cfg.optim.scaling_rule == "none":
+        return cfg.optim.base_lr
+    return cfg.optim.base_lr * math.sqrt(global_batch_size(cfg, world_size) / 1024.0)
+
+
+def total_iterations(cfg: TrainConfig) -> int:
+    """Length of the schedules in iterations."""
+    return cfg.schedules.epochs * cfg.schedules.epoch_length
+
+
+def run_iterations(cfg: TrainConfig) -> int:
+    """Iterations this run performs: the schedule length, or `run.max_steps` when smaller and set."""
+    total = total_iterations(cfg)
+    return min(total, cfg.run.max_steps) if cfg.run.max_steps else total
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -122,9 +450,16 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] | Mapping = ()) -> T:
-    """Build `schema` from a YAML file (optional) and overrides (["k=v", ...] or a nested mapping)."""
-    data: dict[str, Any] = {}
+def load(
+    schema: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] | Mapping = (),
+    *,
+    base: Mapping[str, Any] | None = None,
+) -> T:
+    """Build `schema` from `base` (a nested mapping, e.g. a preset), a YAML file over it (optional) and overrides
+    (["k=v", ...] or a nested mapping) over both."""
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
@@ -132,7 +467,7 @@ def load(schema: type[T], path: str | Path | None = None, overrides: Sequence[st
             raise ConfigError(f"{path}: cannot read the config ({e})") from e
         if not isinstance(loaded, dict | None):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = _merge(data, loaded or {})
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
     return _build(schema, _merge(data, extra), prefix="")
 
@@ -145,14 +480,14 @@ def _build(schema: type[T], data: Mapping[str, Any], prefix: str) -> T:
     for key in data:
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {prefix}{near[0]!r}?" if near else f"; known keys: {sorted(fields)}"
-            raise ConfigError(f"unknown key {prefix}{key!r}{hint}")
+            hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; known keys: {sorted(fields)}"
+            raise ConfigError(f"unknown key {prefix + str(key)!r}{hint}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {prefix}{name!r}")
+            raise ConfigError(f"missing required key {prefix + name!r}")
     try:
         return schema(**kwargs)
     except ConfigError as e:
@@ -216,3 +551,33 @@ def field_docs(schema: type) -> dict[str, str]:
         if m:
             docs[m.group(1)] = m.group(2).strip()
     return docs
+
+
+def dump_yaml(cfg: Any, header: str = "") -> str:
+    """`cfg` as YAML with every key commented by its field documentation (nested dataclasses become sections).
+
+    `load(type(cfg), <this text>)` gives back an equal config.
+    """
+    lines = [f"# {line}".rstrip() for line in header.strip().splitlines()] if header.strip() else []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, tuple | list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+    def emit(obj: Any, indent: str) -> None:
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                doc = (type(value).__doc__ or "").strip().splitlines()[0]
+                lines.append(f"{indent}{f.name}:  # {doc}" if doc else f"{indent}{f.name}:")
+                emit(value, indent + "  ")
+            else:
+                comment = docs.get(f.name, "")
+                lines.append(f"{indent}{f.name}: {scalar(value)}" + (f"  # {comment}" if comment else ""))
+
+    if lines:
+        lines.append("")
+    emit(cfg, "")
+    return "\n".join(lines) + "\n"

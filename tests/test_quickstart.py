@@ -13,11 +13,32 @@ from opendino.eval.knn import knn_accuracy, knn_scores
 
 def test_quickstart_with_a_relative_output_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["quickstart", "--n-per-class", "6", "device=cpu"]) == 0
-    report = json.loads((tmp_path / "runs" / "quickstart" / "quickstart.json").read_text())
-    assert report["images"] == 60 and report["feature_dim"] == 96
-    assert 0.0 <= report["knn_top1"]["k=10"] <= 1.0
-    assert json.loads(capsys.readouterr().out)["classes"] == 10
+    args = ["quickstart", "--n-per-class", "4", "--image-size", "32", "--crop-size", "32", "--steps", "4"]
+    assert main([*args, "--batch-size", "8", "--num-workers", "0", "device=cpu"]) == 0
+    out = tmp_path / "runs" / "quickstart"
+    report = json.loads((out / "quickstart.json").read_text())
+    assert report["train_images"] == 40 and report["steps"] == 4 and report["classes"] == 10
+    for key in ("knn_top1_trained", "knn_top1_random_init"):
+        assert set(report[key]) == {"k=10", "k=20"} and all(0 <= v <= 1 for v in report[key].values())
+    assert (out / "run" / "teacher_backbone.safetensors").is_file() and (out / "run" / "training.png").is_file()
+    assert '"knn_top1_trained"' in capsys.readouterr().out
+    # a rerun finds the finished run and does not train again
+    metrics = (out / "run" / "metrics.jsonl").read_text()
+    assert main([*args, "--batch-size", "8", "--num-workers", "0", "device=cpu"]) == 0
+    assert (out / "run" / "metrics.jsonl").read_text() == metrics
+    assert json.loads((out / "quickstart.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_quickstart_defaults_learn_features_better_than_random_init(tmp_path):
+    """The README's main command with its defaults: pretraining must clearly beat the same architecture at random
+    initialisation on kNN (measured on this 2-core CPU: about 0.25 against 0.15 at k=20, chance 0.10)."""
+    from opendino.config import QuickstartConfig
+    from opendino.quickstart import run_quickstart
+
+    report = run_quickstart(QuickstartConfig(out=str(tmp_path / "qs"), device="cpu"))
+    trained, random_init = report["knn_top1_trained"]["k=20"], report["knn_top1_random_init"]["k=20"]
+    assert trained >= random_init + 0.05, report
 
 
 def test_knn_on_separable_features_is_perfect_and_matches_a_loop():

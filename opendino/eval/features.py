@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from opendino.data.augment import make_eval_transform
 from opendino.data.sources import ImageDataset, collate_skip_bad, list_images
-from opendino.models.vit import DinoVisionTransformer
 
 __all__ = ["FeatureBatch", "FeatureSet", "autocast_for", "extract_features", "iter_features", "pick_device"]
 
@@ -56,7 +55,7 @@ class FeatureBatch:
 
 @torch.inference_mode()
 def iter_features(
-    model: DinoVisionTransformer,
+    model: torch.nn.Module,
     loader: Iterable,
     *,
     outputs: Sequence[str] = ("cls",),
@@ -77,7 +76,7 @@ def iter_features(
         if channels_last and device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, amp):
-            out = model.forward_features(images)
+            out = model.forward_features(images)  # type: ignore[operator]
         patch = out["x_norm_patchtokens"]
         feats: dict[str, Tensor] = {}
         if "cls" in outputs:
@@ -124,7 +123,7 @@ def make_loader(
 
 
 def extract_features(
-    backbone: DinoVisionTransformer | str | os.PathLike,
+    backbone: torch.nn.Module | str | os.PathLike,
     data: str | os.PathLike | Sequence[str],
     *,
     outputs: Sequence[str] = ("cls",),

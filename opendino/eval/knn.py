@@ -8,13 +8,25 @@ neighbours of that class; T = 0.07, k in {10, 20, 100, 200}. Queries are process
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["knn_accuracy", "knn_scores"]
+__all__ = ["LabelledImages", "knn_accuracy", "knn_eval_folders", "knn_scores", "list_labelled_images"]
+
+
+@dataclass
+class LabelledImages:
+    """Image paths with integer labels and the class names the labels index."""
+
+    paths: list[str]
+    labels: Tensor
+    classes: list[str]
 
 
 @torch.no_grad()
@@ -66,3 +78,74 @@ def knn_accuracy(
     num_classes = int(max(train_labels.max(), query_labels.max())) + 1
     scores = knn_scores(train, train_labels, queries, ks=ks, temperature=temperature, num_classes=num_classes)
     return {k: (s.argmax(dim=1) == query_labels).float().mean().item() for k, s in scores.items()}
+
+
+def list_labelled_images(folder: str | os.PathLike[str], classes: Sequence[str] | None = None) -> LabelledImages:
+    """An image folder with one sub-folder per class (the ImageFolder layout): paths, integer labels, class names.
+
+    `classes` fixes the label order (e.g. the training set's for a validation folder); a class folder not in it is
+    an error. Images are listed recursively within each class folder.
+    """
+    from opendino.data.sources import list_images
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{folder}: not a folder (expected one sub-folder of images per class)")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise ValueError(f"{folder}: no class sub-folders (expected <folder>/<class>/<image>)")
+    names = list(classes) if classes is not None else found
+    unknown = sorted(set(found) - set(names))
+    if unknown:
+        raise ValueError(f"{folder}: classes {unknown[:5]} are not among the {len(names)} training classes")
+    paths: list[str] = []
+    labels: list[int] = []
+    for name in found:
+        try:
+            files = list_images(root / name)
+        except ValueError:  # an empty class folder
+            continue
+        paths += files
+        labels += [names.index(name)] * len(files)
+    if not paths:
+        raise ValueError(f"{folder}: no images in the class sub-folders")
+    return LabelledImages(paths=paths, labels=torch.tensor(labels, dtype=torch.long), classes=names)
+
+
+@torch.no_grad()
+def knn_eval_folders(
+    backbone: torch.nn.Module,
+    train_folder: str | os.PathLike[str],
+    val_folder: str | os.PathLike[str],
+    *,
+    size: int = 224,
+    ks: Sequence[int] = (10, 20),
+    device: str | torch.device = "cpu",
+    batch_size: int = 128,
+    num_workers: int = 0,
+) -> dict[int, float]:
+    """Top-1 kNN accuracy of `backbone`'s CLS features from a labelled train folder to a labelled val folder.
+
+    Images are resized to `size` (shorter side, bicubic) and centre-cropped to `size` (the evaluation transform at
+    the training resolution); the backbone is used as given (the caller puts it in eval mode).
+    """
+    from opendino.data.augment import make_eval_transform
+    from opendino.eval.features import extract_features
+
+    train = list_labelled_images(train_folder)
+    val = list_labelled_images(val_folder, classes=train.classes)
+    transform = make_eval_transform(resize_size=size, crop_size=size)
+    feats = {}
+    for name, data in (("train", train), ("val", val)):
+        fs = extract_features(
+            backbone,
+            data.paths,
+            transform=transform,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=str(device),
+        )
+        keep = {p: i for i, p in enumerate(data.paths)}
+        idx = torch.tensor([keep[p] for p in fs.paths], dtype=torch.long)
+        feats[name] = (torch.from_numpy(fs.features["cls"]), data.labels[idx])
+    return knn_accuracy(*feats["train"], *feats["val"], ks=ks)

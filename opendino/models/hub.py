@@ -40,6 +40,7 @@ __all__ = [
     "load_backbone_state",
     "run_convert",
     "save_backbone",
+    "save_backbone_state",
 ]
 
 # Official hub arguments (dinov2/hub/backbones.py:18-59) shared by the eight released models.
@@ -332,10 +333,15 @@ def load_backbone(
 def save_backbone(model: DinoVisionTransformer, path: str | Path) -> Path:
     """Write the backbone in the official key layout (flat blocks), atomically: `.safetensors` with the architecture
     in its metadata, or a tensors-only `.pth` as the official releases are."""
+    return save_backbone_state(model.state_dict(), model.arch, path)
+
+
+def save_backbone_state(state: Mapping[str, Tensor], arch: Mapping[str, Any], path: str | Path) -> Path:
+    """`save_backbone` for a state dict (e.g. gathered from sharded training) and its constructor keywords."""
     path = Path(path)
-    state = _to_official({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    metadata = {_METADATA_KEY: json.dumps({**model.arch, "block_chunks": 0})} if path.suffix == ".safetensors" else None
-    _write_state(state, path, metadata)
+    official = _to_official({k: v.detach().cpu() for k, v in state.items()})
+    metadata = {_METADATA_KEY: json.dumps({**arch, "block_chunks": 0})} if path.suffix == ".safetensors" else None
+    _write_state(official, path, metadata)
     return path
 
 
