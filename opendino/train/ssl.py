@@ -237,7 +237,11 @@ class SSLModel(nn.Module):
             student_temp=cfg.dino.student_temp,
         )
         zero = dino_global.new_zeros(())
-        koleo = koleo_multicrop(student.global_cls.float(), n_global_crops=2) if cfg.koleo.loss_weight > 0 else zero
+        koleo = (
+            koleo_multicrop(student.global_cls.float(), n_global_crops=cfg.crops.global_crops_number)
+            if cfg.koleo.loss_weight > 0
+            else zero
+        )
         if self.ibot_enabled:
             ibot = ibot_loss(
                 student.masked_logits.float(),
