@@ -174,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (config.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"opendino {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not hasattr(e, "exit_code"):  # stages mark the errors a user should read as one line
+            raise
+        print(f"opendino {args.command}: error: {e}", file=sys.stderr)
+        return int(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,12 @@ FORBIDDEN = {
     "opendino.demo": ("opendino.train", "opendino.losses"),
     "opendino.curate": ("opendino.train", "opendino.losses"),
     "opendino.config": ("opendino.",),
+    "opendino.presets": ("opendino.models", "opendino.data", "opendino.losses", "opendino.train", "opendino.eval"),
+    "opendino.dist": ("opendino.models", "opendino.data", "opendino.losses", "opendino.train", "opendino.eval"),
+    "opendino.log": ("opendino.models", "opendino.data", "opendino.losses", "opendino.train", "opendino.eval"),
 }
+# the training stage is an end point: only the command line and the quickstart start it
+TRAIN_IMPORTERS = {"opendino.cli", "opendino.quickstart"}
 # cli.py may import only the config module (and, lazily, the run_* entry points of the stages)
 CLI_ALLOWED_EAGER = {"opendino", "opendino.config"}
 
@@ -53,6 +58,17 @@ def test_layers_do_not_import_upwards():
             if module == prefix or module.startswith(prefix + "."):
                 bad = sorted(i for i in _imports(tree, module) if i.startswith(banned) and not i.startswith(prefix))
                 violations += [f"{module} imports {b}" for b in bad]
+    assert violations == []
+
+
+def test_nothing_but_the_entry_points_imports_train():
+    violations = []
+    for _path, module, tree in _all_modules():
+        if module.startswith("opendino.train") or module in TRAIN_IMPORTERS:
+            continue
+        violations += [
+            f"{module} imports {i}" for i in sorted(_imports(tree, module)) if i.startswith("opendino.train")
+        ]
     assert violations == []
 
 

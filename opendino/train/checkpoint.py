@@ -14,12 +14,15 @@ are deleted afterwards. Model and optimiser go through `torch.distributed.checkp
 (`get_state_dict` / `set_state_dict`), so a run saved with 2 processes (DDP or FSDP2) resumes with 1 and vice versa.
 Random states are per process: a resume with the same number of processes is bit-exact; with another number,
 processes without a saved state are reseeded from the run seed and the step (documented, not exact).
-A checkpoint is never written with non-finite parameters.
+A checkpoint is never written with non-finite parameters. It resumes only into the same model and optimiser parameter
+groups (anything else is a ValueError saying what differs); the groups' settings (learning-rate and
+weight-decay multipliers, betas) come from the resuming configuration, the moments from the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -28,11 +31,12 @@ import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from opendino import dist
@@ -148,6 +152,7 @@ def save_checkpoint(
     if dist.is_main():
         extras = {**state, "step": step, "world_size": dist.world_size()}
         (tmp / _STATE_FILE).write_text(json.dumps(extras, indent=1))
+        _fsync_tree(tmp)  # on disk before it becomes visible: safe against power loss, not only against kills
         if final.exists():  # the same step saved again (e.g. a rerun that resumed from it): replace it
             shutil.rmtree(final)
         tmp.rename(final)
@@ -159,7 +164,34 @@ def save_checkpoint(
     return final
 
 
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    for d in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 # ------------------------------------------------------------------------------------------------------- load
+def _reason(e: BaseException) -> str:
+    """The message of `e`, or of the first failing process's exception inside a DCP CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return str(e).strip().rstrip(".")
+
+
+def _does_not_fit(folder: Path, reason: str) -> ValueError:
+    return ValueError(
+        f"cannot resume from {folder}: {reason}. A run resumes only with the model and optimiser settings it was "
+        f"written with ({folder.parent.parent / 'config.yaml'}); for other settings use a new run.output_dir"
+    )
+
+
 def load_checkpoint(
     folder: str | os.PathLike[str],
     model: nn.Module,
@@ -172,9 +204,18 @@ def load_checkpoint(
     extras = json.loads((folder / _STATE_FILE).read_text())
     # Materialise the optimiser state so that every key exists to be loaded into (get_state_dict does it).
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(folder))
+    groups = copy.deepcopy(cast(list[dict[str, Any]], optim_sd["param_groups"]))
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder))
+    except (ValueError, RuntimeError, KeyError, CheckpointException) as e:
+        raise _does_not_fit(folder, _reason(e)) from e
+    if [g["params"] for g in state["optim"]["param_groups"]] != [g["params"] for g in groups]:
+        raise _does_not_fit(folder, "the optimiser's parameter groups differ")
+    # Moments and step counts come from the checkpoint; group settings (learning-rate and weight-decay multipliers,
+    # betas) from this configuration, as written in config.yaml.
+    state["optim"]["param_groups"] = groups
     set_state_dict(
         model,
         optimizer,

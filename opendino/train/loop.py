@@ -40,6 +40,8 @@ __all__ = ["NonFiniteLossError", "TrainState", "run_train", "train_step"]
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a NaN or infinite loss: the run stops (its last checkpoint is intact)."""
 
+    exit_code = 3  # `opendino train` prints the message and exits with this code
+
 
 class TrainState:
     """Counters that live in the checkpoint beside the tensors."""
@@ -175,6 +177,11 @@ def train_step(
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run of `cfg`; returns a summary (steps, losses, throughput, output paths)."""
     _check_source(cfg)
+    if not cfg.run.resume and find_latest(cfg.run.output_dir) is not None:
+        raise ConfigError(
+            f"run.resume=false, but run.output_dir={cfg.run.output_dir!r} holds the checkpoints of an earlier run: "
+            "delete them or choose another output_dir"
+        )
     device = _pick_device(cfg.run.device)
     amp_dtype = _precision(cfg, device)
     dist.init_distributed(device)
@@ -189,14 +196,6 @@ def _run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) 
 
     rank, world = dist.rank(), dist.world_size()
     run_dir = Path(cfg.run.output_dir)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        header = f"Resolved configuration of this run (opendino train); world size {world}.\n{' '.join(sys.argv)}"
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(dump_yaml(cfg, header))
-        tmp.replace(run_dir / "config.yaml")
-    dist.barrier()
-
     # Same seed on every process for the initial weights, then a per-process stream for stochastic depth.
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
@@ -232,6 +231,15 @@ def _run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) 
     else:
         torch.manual_seed(cfg.run.seed + 1 + rank)
         random.seed(cfg.run.seed + 1 + rank)
+
+    # Written once the checkpoint loaded: a restart with settings that do not fit keeps the run's config.yaml.
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        header = f"Resolved configuration of this run (opendino train); world size {world}.\n{' '.join(sys.argv)}"
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(dump_yaml(cfg, header))
+        tmp.replace(run_dir / "config.yaml")
+    dist.barrier()
 
     end = run_iterations(cfg)
     logger = MetricLogger(
@@ -325,8 +333,11 @@ def _run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) 
                     teacher_cls = _teacher_cls(model, batch)
                     stats = collapse_stats(targets.dino, student.global_cls.detach(), teacher_cls)
                     record.update(stats)
-                    for warning in monitor.check(stats):
-                        logger.message(f"step {state.step}: {warning}")
+                    # Warnings only after the learning-rate warm-up: at initialisation (LayerScale 1e-5) every image
+                    # has nearly the same feature and the targets are flat, which is the start, not a collapse.
+                    if state.step >= cfg.schedules.warmup_epochs * cfg.schedules.epoch_length:
+                        for warning in monitor.check(stats):
+                            logger.message(f"step {state.step}: {warning}")
                 if device.type == "cuda":
                     record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 logger.log(state.step, record)

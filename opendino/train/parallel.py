@@ -7,24 +7,31 @@ checkpoints, parameter groups and the exported backbone see the same keys in eve
 - DDP: `replicate` on each student part (backbone, heads); gradients are averaged across processes in backward.
   The teacher needs no communication: it is updated from identical student weights on every process.
 - FSDP2: `fully_shard` on every transformer block and on each part, student and teacher alike (the teacher's EMA
-  update then runs on local shards). Mixed precision: parameters in the compute dtype, gradient reduction in fp32.
+  update then runs on local shards; the teacher reshards after every forward, so its shards pair with the
+  student's). Mixed precision: parameters in the compute dtype, gradient reduction in fp32.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from opendino import dist
 
+if TYPE_CHECKING:
+    from opendino.models.vit import DinoVisionTransformer
+    from opendino.train.ssl import SSLModel
+
 __all__ = ["apply_ac", "apply_compile", "apply_ddp", "apply_fsdp", "parallelize"]
 
 
-def _blocks(backbone: nn.Module) -> list[nn.Module]:
+def _blocks(backbone: DinoVisionTransformer) -> list[nn.Module]:
     return list(backbone.iter_blocks())
 
 
-def apply_ac(model: nn.Module) -> None:
+def apply_ac(model: SSLModel) -> None:
     """Activation checkpointing of every student transformer block (recompute in backward, save memory)."""
     from torch.distributed._composable import checkpoint
 
@@ -32,7 +39,7 @@ def apply_ac(model: nn.Module) -> None:
         checkpoint(block)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: SSLModel) -> None:
     """`torch.compile` each transformer block of student and teacher (same shapes every step: compiled once per crop
     size); in place, names unchanged."""
     for part in (model.student.backbone, model.teacher.backbone):
@@ -40,7 +47,7 @@ def apply_compile(model: nn.Module) -> None:
             block.compile()
 
 
-def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None = None) -> None:
+def apply_fsdp(model: SSLModel, param_dtype: torch.dtype | None = None) -> None:
     """FSDP2: shard every block, then each part, of student and teacher over all processes."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -56,7 +63,7 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None = None) -> None
             fully_shard(part, mp_policy=mp, reshard_after_forward=reshard)
 
 
-def apply_ddp(model: nn.Module) -> None:
+def apply_ddp(model: SSLModel) -> None:
     """Data parallelism with gradient averaging (composable DDP) on each student part."""
     from torch.distributed._composable import replicate
 
@@ -65,7 +72,7 @@ def apply_ddp(model: nn.Module) -> None:
 
 
 def parallelize(
-    model: nn.Module,
+    model: SSLModel,
     *,
     parallel: str,
     compile: bool = False,
