@@ -393,3 +393,36 @@ def test_collapse_monitor_warns_once_per_kind_and_again_after_recovery():
     (features,) = CollapseMonitor().check(_stats(rank=0.01))
     assert "same feature" in features
     assert len(CollapseMonitor().check(_stats(mean=0.01, sample=0.99, std=0.0))) == 3
+
+
+# ----------------------------------------------------------------------------------------------- other sources
+def test_training_reads_tar_shards_and_weighted_manifests(images, tmp_path):
+    """The same loop on webdataset-style tar shards (a brace pattern) and on a manifest with sampling weights."""
+    import tarfile
+
+    from opendino.data.manifest import write_manifest
+    from opendino.data.sources import list_images
+
+    paths = list_images(images)
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"train-{shard:03d}.tar", "w") as tar:
+            for i, path in enumerate(paths[shard::2]):
+                tar.add(path, arcname=f"{shard:03d}{i:05d}.png")
+    shards_run = tmp_path / "shards_run"
+    pattern = str(tmp_path / "train-{000..001}.tar")
+    summary = loop.run_train(load_train_config("debug", [*_args(images, shards_run), f"data.source={pattern}"]))
+    assert summary["steps"] == 4 and summary["bad_images"] == 0
+    assert opendino.load_backbone(shards_run).embed_dim == 96
+
+    manifest = tmp_path / "curated.csv"
+    weights = [0.0 if i % 2 else 1.0 for i in range(len(paths))]
+    write_manifest(manifest, paths, weights=weights)
+    manifest_run = tmp_path / "manifest_run"
+    loop.run_train(load_train_config("debug", [*_args(images, manifest_run), f"data.source={manifest}"]))
+    assert len(_train_records(manifest_run)) == 4
+    with pytest.raises(config.ConfigError, match=r"weights, which need data\.shuffle=true"):
+        loop.run_train(
+            load_train_config(
+                "debug", [*_args(images, tmp_path / "x"), f"data.source={manifest}", "data.shuffle=false"]
+            )
+        )

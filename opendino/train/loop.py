@@ -192,7 +192,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, Any]:
-    from opendino.data.pipeline import build_train_loader
+    from opendino.data.pipeline import build_train_loader, source_kind
 
     rank, world = dist.rank(), dist.world_size()
     run_dir = Path(cfg.run.output_dir)
@@ -228,6 +228,15 @@ def _run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) 
             scaler.load_state_dict(extras["scaler"])
         if extras.get("world_size") != world:
             dist.print0(f"resuming a run saved with {extras.get('world_size')} processes on {world}")
+        saved_workers = extras.get("num_workers", cfg.data.num_workers)
+        if source_kind(cfg.data) == "shards" and (
+            extras.get("world_size") != world or saved_workers != cfg.data.num_workers
+        ):
+            dist.print0(
+                f"warning: tar shards are split by process and DataLoader worker; the run was saved with "
+                f"{extras.get('world_size')} x {saved_workers} readers and resumes with {world} x "
+                f"{cfg.data.num_workers}, so the images from here on differ from an uninterrupted run"
+            )
     else:
         torch.manual_seed(cfg.run.seed + 1 + rank)
         random.seed(cfg.run.seed + 1 + rank)
@@ -422,7 +431,7 @@ def _progress_line(
 
 
 def _checkpoint(cfg: TrainConfig, run_dir: Path, model: SSLModel, optimizer, state: TrainState, scaler) -> None:
-    extras: dict[str, Any] = state.to_dict()
+    extras: dict[str, Any] = {**state.to_dict(), "num_workers": cfg.data.num_workers}
     if scaler is not None:
         extras["scaler"] = scaler.state_dict()
     save_checkpoint(run_dir, state.step, model, optimizer, extras, keep_last=cfg.run.keep_last)
