@@ -152,7 +152,8 @@ def _checkpoint_tensors(folder: Path, scratch: Path) -> dict[str, object]:
     return {
         "dcp": torch.load(flat, weights_only=False),
         "rng": torch.load(folder / "rng" / "rank_0.pt", weights_only=False),
-        "state": json.loads((folder / "state.json").read_text()),
+        # the DataLoader worker count is recorded (tar shards depend on it) but folders / lists do not: left out
+        "state": {k: v for k, v in json.loads((folder / "state.json").read_text()).items() if k != "num_workers"},
     }
 
 

@@ -271,7 +271,9 @@ class SSLModel(nn.Module):
 
 
 def _everywhere(flag: bool, device: torch.device) -> bool:
-    """`flag` and-ed over all processes (one collective; the same answer everywhere)."""
+    """`flag` and-ed over all processes (one collective; the same answer everywhere; no device sync alone)."""
+    if dist.world_size() == 1:
+        return flag
     t = torch.tensor(float(flag), device=device)
     return bool(dist.all_reduce(t, op="min").item())
 
