@@ -77,7 +77,10 @@ def init_distributed(device: torch.device | str = "cpu", timeout_s: float = 1800
 
 
 def cleanup() -> None:
+    """Tear the process group down once every process got here: none is still in a collective with a peer, and no
+    gloo work is pending while the interpreter exits (a SIGABRT "terminate called without an active exception")."""
     if is_distributed():
+        tdist.barrier()
         tdist.destroy_process_group()
 
 

@@ -311,9 +311,14 @@ def test_crash_between_final_checkpoint_and_backbone_export(images, tmp_path, mo
 
 
 # ----------------------------------------------------------------------------------------------- logger on restart
-def test_restarted_logger_keeps_one_trajectory(tmp_path):
+def test_restarted_logger_keeps_one_trajectory(tmp_path, monkeypatch):
     """What a killed run logged after its checkpoint disappears from metrics.jsonl and TensorBoard; so does all
     of it when it died before its first checkpoint."""
+    from tensorboard.summary.writer import event_file_writer
+
+    # TensorBoard orders event files by name: <seconds>.<host>.<pid>.<per-process counter>. A restart is a new process
+    # in real use; here all writers share this one, and the counter must not pass 9 (".10" sorts before ".9").
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
     first = MetricLogger(tmp_path, total_steps=6, progress="none")
     for step in range(1, 6):
         first.log(step, {"loss/total": float(step)})

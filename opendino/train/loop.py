@@ -185,10 +185,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     device = _pick_device(cfg.run.device)
     amp_dtype = _precision(cfg, device)
     dist.init_distributed(device)
-    try:
-        return _run(cfg, device, amp_dtype)
-    finally:
-        dist.cleanup()
+    # On an error the process group is left to the launcher: tearing it down while peers are still in a collective
+    # can deadlock them. After a normal end, every process waits for the others, then destroys it.
+    summary = _run(cfg, device, amp_dtype)
+    dist.cleanup()
+    return summary
 
 
 def _run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, Any]:
