@@ -3,7 +3,7 @@
 A step is exactly what the training loop runs (`opendino.train.loop.train_step`): teacher forward on the global
 crops, student forward on [global (masked), local] crops, DINO + iBOT + KoLeo losses, backward, gradient clipping per
 student part, AdamW step, EMA update of the teacher. The model, optimiser groups and schedules are built from the
-preset as `run_train` builds them (`SSLModel`, `parallelize`, `param_groups`, `build_optimizer`,
+preset as `run_train` builds them (`SSLModel`, `parallelize`, `build_optimizer_for`,
 `build_schedules_for`, `apply_schedules`); one process, so no DDP / FSDP.
 
 Data loading is left out: the crops are random normal tensors already at their size (2 global + n local per image,
@@ -46,9 +46,9 @@ from opendino.config import ConfigError, TrainConfig
 from opendino.data.collate import Batch, TrainSample
 from opendino.data.pipeline import make_collate
 from opendino.eval.features import pick_device
-from opendino.train.loop import build_schedules_for, train_step
+from opendino.train.loop import build_optimizer_for, build_schedules_for, train_step
 from opendino.train.parallel import parallelize
-from opendino.train.schedules import Schedules, apply_schedules, build_optimizer, param_groups
+from opendino.train.schedules import Schedules, apply_schedules
 from opendino.train.ssl import SSLModel
 
 PRESETS = ("debug", "vits14", "vitb14", "vitl14", "vitg14", "vitl16_short", "small_vits14")
@@ -180,12 +180,7 @@ def build(
         activation_checkpointing=cfg.run.activation_checkpointing,
         param_dtype=amp_dtype,
     )
-    groups = param_groups(
-        model.student_parts(),
-        layerwise_decay=cfg.optim.layerwise_decay,
-        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
-    )
-    optimizer = build_optimizer(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    optimizer = build_optimizer_for(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     model.train()
     return model, optimizer, build_schedules_for(cfg, 1), scaler

@@ -14,6 +14,21 @@ __all__ = ["PRESETS", "preset_overrides", "render"]
 
 OFFICIAL = "facebookresearch/dinov2 @ b8931f7, dinov2/configs"
 
+
+def _patch14_large(arch: str, batch_size_per_gpu: int) -> dict[str, Any]:
+    """The overrides that train/vitl14.yaml and train/vitg14.yaml share; they differ in arch and batch only."""
+    return {
+        "data": {"batch_size_per_gpu": batch_size_per_gpu},
+        "crops": {"local_crops_size": 98},
+        "model": {"arch": arch, "patch_size": 14, "drop_path_rate": 0.4, "ffn_layer": "swiglufused", "block_chunks": 4},
+        "dino": {"head_n_prototypes": 131072, "head_bottleneck_dim": 384},
+        "ibot": {"separate_head": True, "head_n_prototypes": 131072},
+        "teacher": {"momentum_teacher": 0.994, "centering": "sinkhorn_knopp"},
+        "optim": {"weight_decay_end": 0.2, "base_lr": 2.0e-4, "layerwise_decay": 1.0},
+        "schedules": {"epochs": 500, "warmup_epochs": 80},
+    }
+
+
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "debug": (
         "Tiny ViT (patch 8) on 32 px global / 16 px local crops: CPU, seconds per step. For tests and smoke runs;\n"
@@ -50,42 +65,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "vitl14": (
         f"ViT-L/14 as {OFFICIAL}/train/vitl14.yaml (ImageNet-22k in the paper; point data.source at your images).",
-        {
-            "data": {"batch_size_per_gpu": 32},
-            "crops": {"local_crops_size": 98},
-            "model": {
-                "arch": "vit_large",
-                "patch_size": 14,
-                "drop_path_rate": 0.4,
-                "ffn_layer": "swiglufused",
-                "block_chunks": 4,
-            },
-            "dino": {"head_n_prototypes": 131072, "head_bottleneck_dim": 384},
-            "ibot": {"separate_head": True, "head_n_prototypes": 131072},
-            "teacher": {"momentum_teacher": 0.994, "centering": "sinkhorn_knopp"},
-            "optim": {"weight_decay_end": 0.2, "base_lr": 2.0e-4, "layerwise_decay": 1.0},
-            "schedules": {"epochs": 500, "warmup_epochs": 80},
-        },
+        _patch14_large("vit_large", batch_size_per_gpu=32),
     ),
     "vitg14": (
         f"ViT-g/14 as {OFFICIAL}/train/vitg14.yaml (the paper's main model; LVD-142M in the paper).",
-        {
-            "data": {"batch_size_per_gpu": 12},
-            "crops": {"local_crops_size": 98},
-            "model": {
-                "arch": "vit_giant2",
-                "patch_size": 14,
-                "drop_path_rate": 0.4,
-                "ffn_layer": "swiglufused",
-                "block_chunks": 4,
-            },
-            "dino": {"head_n_prototypes": 131072, "head_bottleneck_dim": 384},
-            "ibot": {"separate_head": True, "head_n_prototypes": 131072},
-            "teacher": {"momentum_teacher": 0.994, "centering": "sinkhorn_knopp"},
-            "optim": {"weight_decay_end": 0.2, "base_lr": 2.0e-4, "layerwise_decay": 1.0},
-            "schedules": {"epochs": 500, "warmup_epochs": 80},
-            "run": {"parallel": "fsdp"},
-        },
+        {**_patch14_large("vit_giant2", batch_size_per_gpu=12), "run": {"parallel": "fsdp"}},
     ),
     "vitl16_short": (
         f"ViT-L/16 on ImageNet-1k, 100 epochs: {OFFICIAL}/train/vitl16_short.yaml (the official README's\n"

@@ -281,8 +281,7 @@ def test_crash_between_final_checkpoint_and_backbone_export(images, tmp_path, mo
     import opendino
     from opendino.cli import load_train_config
     from opendino.models import hub
-    from opendino.train.loop import run_train
-    from opendino.train.schedules import build_optimizer, param_groups
+    from opendino.train.loop import build_optimizer_for, run_train
     from opendino.train.ssl import SSLModel
 
     out = tmp_path / "run"
@@ -300,12 +299,7 @@ def test_crash_between_final_checkpoint_and_backbone_export(images, tmp_path, mo
     summary = run_train(cfg)
     assert summary["steps"] == 2 and "nothing to do" in capsys.readouterr().out
     model = SSLModel(cfg)
-    groups = param_groups(
-        model.student_parts(),
-        layerwise_decay=cfg.optim.layerwise_decay,
-        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
-    )
-    load_checkpoint(find_latest(out), model, build_optimizer(groups))
+    load_checkpoint(find_latest(out), model, build_optimizer_for(model, cfg))
     _assert_equal(opendino.load_backbone(out).state_dict(), model.teacher.backbone.state_dict())
     assert (out / "training.png").is_file()
 

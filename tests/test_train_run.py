@@ -30,8 +30,8 @@ from opendino.data.synthetic import make_shapes_dataset
 from opendino.log import read_metrics
 from opendino.train import loop
 from opendino.train.checkpoint import find_latest, list_checkpoints, load_checkpoint
+from opendino.train.loop import build_optimizer_for
 from opendino.train.monitor import CollapseMonitor, collapse_stats
-from opendino.train.schedules import build_optimizer, param_groups
 from opendino.train.ssl import SSLModel
 
 REQUIRED_KEYS = (
@@ -93,12 +93,7 @@ def _train_records(run: Path) -> list[dict]:
 def _resumed_model(cfg: config.TrainConfig, run: Path) -> SSLModel:
     """The SSLModel of the last checkpoint of `run`, loaded as the training loop resumes it."""
     model = SSLModel(cfg)
-    groups = param_groups(
-        model.student_parts(),
-        layerwise_decay=cfg.optim.layerwise_decay,
-        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
-    )
-    load_checkpoint(find_latest(run), model, build_optimizer(groups))
+    load_checkpoint(find_latest(run), model, build_optimizer_for(model, cfg))
     return model
 
 

@@ -211,12 +211,7 @@ def _run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) 
         activation_checkpointing=cfg.run.activation_checkpointing,
         param_dtype=amp_dtype,
     )
-    groups = param_groups(
-        model.student_parts(),
-        layerwise_decay=cfg.optim.layerwise_decay,
-        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
-    )
-    optimizer = build_optimizer(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    optimizer = build_optimizer_for(model, cfg)
     schedules = build_schedules_for(cfg, world)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -374,6 +369,16 @@ def _run(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None) 
 
         plot_run(run_dir)
     return _summary(cfg, state, run_dir, last_losses, images_per_s)
+
+
+def build_optimizer_for(model: SSLModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the student parts with the official parameter groups of `cfg.optim`."""
+    groups = param_groups(
+        model.student_parts(),
+        layerwise_decay=cfg.optim.layerwise_decay,
+        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+    )
+    return build_optimizer(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
 
 
 def build_schedules_for(cfg: TrainConfig, world_size: int):

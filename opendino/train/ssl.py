@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from opendino import dist
-from opendino.config import TrainConfig
+from opendino.config import DinoConfig, IbotConfig, TrainConfig
 from opendino.data.collate import Batch
 from opendino.losses import CenterEMA, dino_multicrop_loss, ibot_loss, koleo_multicrop, sinkhorn_knopp, softmax_center
 from opendino.models.heads import DINOHead
@@ -72,25 +72,14 @@ def build_backbone_from_config(cfg: TrainConfig, *, student: bool) -> DinoVision
     )
 
 
-def _dino_head(cfg: TrainConfig, dim: int) -> DINOHead:
-    d = cfg.dino
+def _head(section: DinoConfig | IbotConfig, dim: int) -> DINOHead:
+    """The DINO or iBOT head of a config section (both have the same head_* fields)."""
     return DINOHead(
         dim,
-        d.head_n_prototypes,
-        nlayers=d.head_nlayers,
-        hidden_dim=d.head_hidden_dim,
-        bottleneck_dim=d.head_bottleneck_dim,
-    )
-
-
-def _ibot_head(cfg: TrainConfig, dim: int) -> DINOHead:
-    i = cfg.ibot
-    return DINOHead(
-        dim,
-        i.head_n_prototypes,
-        nlayers=i.head_nlayers,
-        hidden_dim=i.head_hidden_dim,
-        bottleneck_dim=i.head_bottleneck_dim,
+        section.head_n_prototypes,
+        nlayers=section.head_nlayers,
+        hidden_dim=section.head_hidden_dim,
+        bottleneck_dim=section.head_bottleneck_dim,
     )
 
 
@@ -124,9 +113,9 @@ class SSLModel(nn.Module):
         backbone = build_backbone_from_config(cfg, student=True)
         dim = backbone.embed_dim
         self.separate_ibot_head = cfg.ibot.separate_head
-        parts: dict[str, nn.Module] = {"backbone": backbone, "dino_head": _dino_head(cfg, dim)}
+        parts: dict[str, nn.Module] = {"backbone": backbone, "dino_head": _head(cfg.dino, dim)}
         if self.separate_ibot_head:
-            parts["ibot_head"] = _ibot_head(cfg, dim)
+            parts["ibot_head"] = _head(cfg.ibot, dim)
         self.student = SSLParts(parts)
         teacher_parts = dict(parts, backbone=build_backbone_from_config(cfg, student=False))
         self.teacher = SSLParts({k: copy.deepcopy(v) if k != "backbone" else v for k, v in teacher_parts.items()})
