@@ -110,6 +110,36 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# evaluation name -> "module:function" taking its config (see config.EVAL_CONFIGS) and returning the record
+_EVAL_RUNNERS = {
+    "features": "opendino.eval.common:run_features",
+    "knn": "opendino.eval.knn:run",
+    "linear": "opendino.eval.linear:run",
+    "logreg": "opendino.eval.logreg:run",
+    "seg": "opendino.eval.seg:run",
+    "depth": "opendino.eval.depth:run",
+    "retrieval": "opendino.eval.retrieval:run",
+    "copydetect": "opendino.eval.copydetect:run",
+    "robustness": "opendino.eval.robustness:run",
+}
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import importlib
+
+    cfg = _load(config.EVAL_CONFIGS[args.eval_name], args)
+    module, function = _EVAL_RUNNERS[args.eval_name].split(":")
+    record = getattr(importlib.import_module(module), function)(cfg)
+    from opendino import dist
+
+    if dist.is_main():
+        out = cfg.out or f"runs/eval/{args.eval_name}"
+        print(json.dumps(record["metrics"], indent=2))
+        print(f"wrote {out}/results.json and {out}/results.md")
+    dist.cleanup()
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from opendino.quickstart import run_quickstart
 
@@ -137,6 +167,21 @@ def _parser() -> argparse.ArgumentParser:
         "(no downloads)",
     )
     staged("extract", config.ExtractConfig, _cmd_extract, "write backbone features of an image folder or list")
+    evals = sub.add_parser(
+        "eval",
+        help="evaluate frozen backbone features (knn, linear, logreg, seg, depth, retrieval, copydetect, robustness)",
+        description="Evaluate a frozen backbone: one subcommand per protocol, results in OUT/results.json and "
+        "OUT/results.md. Features are cached (cache_dir) and shared by the evaluations; under torchrun the "
+        "feature extraction is split over the processes.",
+    )
+    eval_sub = evals.add_subparsers(dest="eval_name", required=True, metavar="NAME")
+    for name, schema in config.EVAL_CONFIGS.items():
+        doc = " ".join((schema.__doc__ or "").split())
+        p = eval_sub.add_parser(name, help=doc.split(": ", 1)[-1], description=doc)
+        p.add_argument("--config", default=None, help="YAML file with the keys below (flags and key=value win)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="more settings, e.g. batch_size=32")
+        _add_schema_flags(p, schema)
+        p.set_defaults(handler=_cmd_eval)
     train = sub.add_parser(
         "train",
         help="self-supervised DINOv2 pretraining (also under torchrun)",
@@ -167,17 +212,21 @@ def _version() -> str:
     return f"opendino {__version__}"
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    return f"{args.command} {args.eval_name}" if args.command == "eval" else args.command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.handler(args)
     except (config.ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"opendino {args.command}: error: {e}", file=sys.stderr)
+        print(f"opendino {_command_name(args)}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if not hasattr(e, "exit_code"):  # stages mark the errors a user should read as one line
             raise
-        print(f"opendino {args.command}: error: {e}", file=sys.stderr)
+        print(f"opendino {_command_name(args)}: error: {e}", file=sys.stderr)
         return int(e.exit_code)
 
 

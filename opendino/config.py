@@ -24,18 +24,29 @@ from typing import Any, TypeVar
 import yaml
 
 __all__ = [
+    "EVAL_CONFIGS",
     "ConfigError",
+    "CopydetectEvalConfig",
     "CropsConfig",
     "DataConfig",
+    "DepthEvalConfig",
     "DinoConfig",
+    "EvalCommon",
     "ExtractConfig",
+    "FeaturesEvalConfig",
     "IbotConfig",
+    "KnnEvalConfig",
     "KoleoConfig",
+    "LinearEvalConfig",
+    "LogregEvalConfig",
     "ModelConfig",
     "OptimConfig",
     "QuickstartConfig",
+    "RetrievalEvalConfig",
+    "RobustnessEvalConfig",
     "RunConfig",
     "SchedulesConfig",
+    "SegEvalConfig",
     "TeacherConfig",
     "TrainConfig",
     "dump_yaml",
@@ -400,6 +411,268 @@ class TrainConfig:
             raise ConfigError("the schedule has no iterations")
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
+_AMPS = ("bf16", "fp16", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalCommon:
+    """Settings every `opendino eval NAME` shares: the frozen backbone, where results go, how features are computed."""
+
+    backbone: str  # preset name (random weights), checkpoint file, Hugging Face folder or opendino run directory
+    out: str = ""  # folder for results.json, results.md and pictures ("" = runs/eval/<name>)
+    cache_dir: str = "auto"  # feature cache ("auto" = $OPENDINO_CACHE or ~/.cache/opendino/features; "" = off)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    amp: str = "bf16"  # autocast dtype of the backbone on GPU: bf16, fp16 or none (CPU always runs fp32)
+    batch_size: int = 64  # images per backbone forward pass
+    num_workers: int = 4  # DataLoader decoding processes (0: decode in the main process)
+    seed: int = 0  # seed of random initialisation (preset backbones), data splits, training and synthetic edits
+
+    def __post_init__(self) -> None:
+        _check_choice("amp", self.amp, _AMPS)
+        _check_positive(self, "batch_size")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
+        if not self.backbone:
+            raise ConfigError("backbone: give a preset name, a checkpoint file or a run directory")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeaturesEvalConfig(EvalCommon):
+    """`opendino eval features`: compute (and cache) the features the other evaluations use; reports throughput."""
+
+    data: str  # image folder (recursive), .txt list or .csv with a `path` column
+    resize_size: int = 256  # shorter side before the centre crop (official eval transform: 256)
+    crop_size: int = 224  # centre crop, a multiple of the patch size (official: 224)
+    outputs: tuple[str, ...] = ("cls",)  # any of cls, mean, cls_blocks, patch (see opendino.eval.features)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "resize_size", "crop_size")
+        for name in self.outputs:
+            _check_choice("outputs", name, ("cls", "mean", "cls_blocks", "patch"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class KnnEvalConfig(EvalCommon):
+    """`opendino eval knn`: weighted k-nearest-neighbour classification of CLS features (official protocol)."""
+
+    train: str  # labelled training folder: <train>/<class>/<image>
+    val: str  # labelled validation folder with the same class names
+    ks: tuple[int, ...] = (10, 20, 100, 200)  # numbers of neighbours (official: 10, 20, 100, 200)
+    temperature: float = 0.07  # softmax temperature of the neighbour weights (official: 0.07)
+    resize_size: int = 256  # shorter side before the centre crop (official: 256)
+    crop_size: int = 224  # centre crop (official: 224)
+    chunk_size: int = 1024  # queries per similarity chunk (memory = chunk_size x n_train)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "temperature", "resize_size", "crop_size", "chunk_size")
+        if not self.ks or min(self.ks) <= 0:
+            raise ConfigError(f"ks={list(self.ks)}: give one or more positive numbers of neighbours")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearEvalConfig(EvalCommon):
+    """`opendino eval linear`: linear probes on frozen features, the official grid trained at once."""
+
+    train: str  # labelled training folder: <train>/<class>/<image>
+    val: str  # labelled validation folder (official: the best head is picked on it)
+    mode: str = "fast"  # fast: heads trained on cached centre-crop features; augment: official random crops + flips
+    learning_rates: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+    n_last_blocks: tuple[int, ...] = (1, 4)  # CLS tokens of the last n blocks, concatenated (official: 1 and 4)
+    avgpool: tuple[bool, ...] = (False, True)  # also concatenate the mean patch token of the last block
+    epochs: int = 10  # training epochs of epoch_length iterations (official: 10)
+    epoch_length: int = 1250  # iterations per epoch (official: 1250)
+    train_batch_size: int = 128  # images per linear-head step (official: 128 per GPU); lrs scale by it / 256
+    val_fraction: float = 0.0  # > 0: pick the best head on this fraction of train instead of on val (then report val)
+    resize_size: int = 256  # eval transform: shorter side before the centre crop (official: 256)
+    crop_size: int = 224  # eval crop and train RandomResizedCrop size (official: 224)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("mode", self.mode, ("fast", "augment"))
+        _check_positive(self, "epochs", "epoch_length", "train_batch_size", "resize_size", "crop_size")
+        if not self.learning_rates or min(self.learning_rates) <= 0:
+            raise ConfigError(f"learning_rates={list(self.learning_rates)}: give one or more positive rates")
+        if not self.n_last_blocks or min(self.n_last_blocks) <= 0:
+            raise ConfigError(f"n_last_blocks={list(self.n_last_blocks)}: give one or more positive block counts")
+        if not self.avgpool:
+            raise ConfigError("avgpool: give at least one of false, true")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction}: expected 0 <= value < 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogregEvalConfig(EvalCommon):
+    """`opendino eval logreg`: L-BFGS logistic regression on CLS features over the official grid of C."""
+
+    train: str  # labelled training folder: <train>/<class>/<image>
+    val: str  # labelled validation folder with the same class names
+    c_min_exp: float = -6.0  # C grid = 10 ** linspace(c_min_exp, c_max_exp, c_steps) (official: -6, 5, 45)
+    c_max_exp: float = 5.0  # largest exponent of the C grid
+    c_steps: int = 45  # number of C values
+    holdout_fraction: float = 0.1  # part of train that picks C (official: 10%); the best C is then refit on all
+    max_iter: int = 1000  # L-BFGS iterations per fit (official: 1000)
+    tol: float = 1e-12  # L-BFGS tolerance (official: 1e-12)
+    resize_size: int = 224  # shorter side before the centre crop (official logreg: 224, unlike kNN / linear)
+    crop_size: int = 224  # centre crop (official: 224)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "c_steps", "max_iter", "tol", "resize_size", "crop_size")
+        if self.c_min_exp > self.c_max_exp:
+            raise ConfigError(f"c_min_exp={self.c_min_exp} > c_max_exp={self.c_max_exp}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"holdout_fraction={self.holdout_fraction}: expected 0 < value < 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegEvalConfig(EvalCommon):
+    """`opendino eval seg`: linear semantic segmentation on frozen patch tokens ("linear" or "+ms")."""
+
+    train: str  # folder with images/ and labels/ (label PNGs holding class indices, same file stems)
+    val: str  # validation folder in the same layout
+    variant: str = "linear"  # linear: BN + 1x1 conv on the last block; ms: on the last 4 blocks + multi-scale test
+    num_classes: int = 0  # classes (0 = 1 + the largest label value found in train, ignore_index excluded)
+    ignore_index: int = 255  # label value left out of the loss and the metrics (CamVid: 11)
+    class_names: tuple[str, ...] = ()  # names for the table and pictures (default: class_0, class_1, ...)
+    crop_size: int = 448  # training crop side in pixels, a multiple of the patch size
+    iterations: int = 4000  # training steps of the linear head
+    train_batch_size: int = 8  # crops per training step
+    lr: float = 1e-3  # AdamW learning rate, poly decay after a linear warm-up
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_iterations: int = 150  # linear warm-up steps
+    test_scales: tuple[float, ...] = (1.0, 1.32, 1.73, 2.28, 3.0)  # "ms" test-time scales (with flips)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("variant", self.variant, ("linear", "ms"))
+        _check_positive(self, "crop_size", "iterations", "train_batch_size", "lr")
+        if self.num_classes < 0 or self.warmup_iterations < 0 or self.weight_decay < 0:
+            raise ConfigError("num_classes, warmup_iterations and weight_decay must be >= 0")
+        if not self.test_scales or min(self.test_scales) <= 0:
+            raise ConfigError(f"test_scales={list(self.test_scales)}: give one or more positive scales")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DepthEvalConfig(EvalCommon):
+    """`opendino eval depth`: linear monocular depth over 256 depth bins on frozen tokens (paper "lin. 1 / 4")."""
+
+    train: str  # folder with rgb/ and depth/ (depth maps as 16-bit PNG or .npy, same file stems)
+    val: str  # validation folder in the same layout (may be the train folder for a sanity check)
+    depth_scale: float = 1000.0  # stored value per metre (1000: millimetres in uint16 PNG; 1: metres in .npy)
+    min_depth: float = 0.001  # smallest valid depth in metres (official: 0.001)
+    max_depth: float = 10.0  # largest depth in metres: bin range and validity (NYU: 10, KITTI: 80)
+    n_layers: int = 1  # 1: last block ("lin. 1"); 4: four evenly spaced blocks ("lin. 4")
+    n_bins: int = 256  # uniform depth bins of the classification head (official: 256)
+    crop_size: int = 448  # training crop side in pixels, a multiple of the patch size
+    iterations: int = 2000  # training steps of the linear head
+    train_batch_size: int = 4  # crops per training step
+    lr: float = 5e-3  # AdamW learning rate (cosine after a linear warm-up)
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_iterations: int = 100  # linear warm-up steps (also the SigLoss warm-up of the official code)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "depth_scale", "min_depth", "max_depth", "n_bins", "crop_size", "iterations")
+        _check_positive(self, "train_batch_size", "lr")
+        _check_choice("n_layers", str(self.n_layers), ("1", "4"))
+        if self.min_depth >= self.max_depth:
+            raise ConfigError(f"min_depth={self.min_depth} must be < max_depth={self.max_depth}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalEvalConfig(EvalCommon):
+    """`opendino eval retrieval`: instance retrieval by cosine similarity; mAP and recall@k (Revisited Oxford /
+    Paris easy / medium / hard with junk images when given their ground truth)."""
+
+    queries: str  # folder or .txt list of query images
+    database: str  # folder or .txt list of database images
+    ground_truth: str  # .json {query: {"positives": [...], "junk": [...]}} or a revisitop gnd_*.pkl file
+    ks: tuple[int, ...] = (1, 5, 10)  # recall@k and precision@k cut-offs
+    resize_size: int = 256  # shorter side before the centre crop
+    crop_size: int = 224  # centre crop (0 = whole image resized to resize_size on its shorter side)
+    feature: str = "cls"  # descriptor: cls (CLS token) or gem (generalised-mean pooled patch tokens, p = 3)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("feature", self.feature, ("cls", "gem"))
+        _check_positive(self, "resize_size")
+        if not self.ks or min(self.ks) <= 0:
+            raise ConfigError(f"ks={list(self.ks)}: give one or more positive cut-offs")
+        if self.crop_size < 0:
+            raise ConfigError(f"crop_size={self.crop_size}: must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CopydetectEvalConfig(EvalCommon):
+    """`opendino eval copydetect`: copy detection on a synthetic benchmark built from an image folder (strong edits
+    of some references among distractors): micro average precision and recall@1."""
+
+    images: str  # image folder (recursive) or .txt list: the references, queries and distractors come from it
+    n_queries: int = 500  # edited copies of references used as queries
+    n_distractor_queries: int = 500  # queries with no reference in the database (other images, edited too)
+    resize_size: int = 256  # shorter side before the centre crop
+    crop_size: int = 224  # centre crop
+    k: int = 10  # neighbours kept per query (predictions pooled for micro-AP)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "n_queries", "resize_size", "crop_size", "k")
+        if self.n_distractor_queries < 0:
+            raise ConfigError(f"n_distractor_queries={self.n_distractor_queries}: must be >= 0")
+
+
+_CORRUPTIONS = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class RobustnessEvalConfig(EvalCommon):
+    """`opendino eval robustness`: accuracy under ImageNet-C corruptions applied on the fly to a labelled validation
+    folder, with mean corruption error (mCE) normalised by a baseline run."""
+
+    train: str  # labelled training folder: the classifier is fitted on its clean features
+    val: str  # labelled validation folder: corrupted on the fly
+    classifier: str = "linear"  # linear (the best head of the fast linear protocol) or knn (k = 20)
+    corruptions: tuple[str, ...] = _CORRUPTIONS  # ImageNet-C corruption names (default: the 15 of the benchmark)
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)  # severities 1-5
+    baseline: str = ""  # results.json of an earlier robustness run: CE normalised by its errors ("" = unnormalised)
+    max_per_class: int = 0  # validation images per class (0 = all): a smaller, faster run
+    resize_size: int = 256  # shorter side before the centre crop; corruptions act on the crop, as ImageNet-C
+    crop_size: int = 224  # centre crop
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("classifier", self.classifier, ("linear", "knn"))
+        for name in self.corruptions:
+            _check_choice("corruptions", name, _CORRUPTIONS)
+        if not self.corruptions or not self.severities:
+            raise ConfigError("give at least one corruption and one severity")
+        for s in self.severities:
+            if not 1 <= s <= 5:
+                raise ConfigError(f"severities: {s} is not in 1..5")
+        if self.max_per_class < 0:
+            raise ConfigError(f"max_per_class={self.max_per_class}: must be >= 0")
+        _check_positive(self, "resize_size", "crop_size")
+
+
+EVAL_CONFIGS: dict[str, type] = {
+    "features": FeaturesEvalConfig,
+    "knn": KnnEvalConfig,
+    "linear": LinearEvalConfig,
+    "logreg": LogregEvalConfig,
+    "seg": SegEvalConfig,
+    "depth": DepthEvalConfig,
+    "retrieval": RetrievalEvalConfig,
+    "copydetect": CopydetectEvalConfig,
+    "robustness": RobustnessEvalConfig,
+}
+
+
 def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
     """Images per optimisation step over all processes."""
     return cfg.data.batch_size_per_gpu * world_size
@@ -545,11 +818,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def field_docs(schema: type) -> dict[str, str]:
     """{field: its trailing comment} read from the schema's source: the one place a field is documented."""
-    docs = {}
-    for line in inspect.getsource(schema).splitlines():
-        m = re.match(r"\s+(\w+): [^=#]+(?:=[^#]*)?#\s*(.+)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2).strip()
+    docs: dict[str, str] = {}
+    for cls in reversed([c for c in schema.__mro__ if dataclasses.is_dataclass(c)]):  # base classes first
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^=#]+(?:=[^#]*)?#\s*(.+)$", line)
+            if m:
+                docs[m.group(1)] = m.group(2).strip()
     return docs
 
 

@@ -16,6 +16,7 @@ import torch.distributed as tdist
 
 __all__ = [
     "all_gather_cat",
+    "all_gather_object",
     "all_reduce",
     "barrier",
     "broadcast_object",
@@ -109,6 +110,15 @@ def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     tdist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=dim)
+
+
+def all_gather_object(obj: object) -> list:
+    """[obj of process 0, obj of process 1, ...] on every process (pickled); [obj] when not distributed."""
+    if not is_distributed() or world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

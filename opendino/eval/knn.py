@@ -10,23 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from opendino.eval.common import LabelledImages, list_labelled_images
+
 __all__ = ["LabelledImages", "knn_accuracy", "knn_eval_folders", "knn_scores", "list_labelled_images"]
-
-
-@dataclass
-class LabelledImages:
-    """Image paths with integer labels and the class names the labels index."""
-
-    paths: list[str]
-    labels: Tensor
-    classes: list[str]
 
 
 @torch.no_grad()
@@ -78,38 +69,6 @@ def knn_accuracy(
     num_classes = int(max(train_labels.max(), query_labels.max())) + 1
     scores = knn_scores(train, train_labels, queries, ks=ks, temperature=temperature, num_classes=num_classes)
     return {k: (s.argmax(dim=1) == query_labels).float().mean().item() for k, s in scores.items()}
-
-
-def list_labelled_images(folder: str | os.PathLike[str], classes: Sequence[str] | None = None) -> LabelledImages:
-    """An image folder with one sub-folder per class (the ImageFolder layout): paths, integer labels, class names.
-
-    `classes` fixes the label order (e.g. the training set's for a validation folder); a class folder not in it is
-    an error. Images are listed recursively within each class folder.
-    """
-    from opendino.data.sources import list_images
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"{folder}: not a folder (expected one sub-folder of images per class)")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not found:
-        raise ValueError(f"{folder}: no class sub-folders (expected <folder>/<class>/<image>)")
-    names = list(classes) if classes is not None else found
-    unknown = sorted(set(found) - set(names))
-    if unknown:
-        raise ValueError(f"{folder}: classes {unknown[:5]} are not among the {len(names)} training classes")
-    paths: list[str] = []
-    labels: list[int] = []
-    for name in found:
-        try:
-            files = list_images(root / name)
-        except ValueError:  # an empty class folder
-            continue
-        paths += files
-        labels += [names.index(name)] * len(files)
-    if not paths:
-        raise ValueError(f"{folder}: no images in the class sub-folders")
-    return LabelledImages(paths=paths, labels=torch.tensor(labels, dtype=torch.long), classes=names)
 
 
 @torch.no_grad()
