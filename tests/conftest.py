@@ -17,3 +17,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _feature_cache(tmp_path_factory, monkeypatch):
+    """Evaluations cache features under $OPENDINO_CACHE: keep every test's cache out of the user's home."""
+    monkeypatch.setenv("OPENDINO_CACHE", str(tmp_path_factory.mktemp("feature-cache")))
