@@ -463,11 +463,12 @@ class KnnEvalConfig(EvalCommon):
     temperature: float = 0.07  # softmax temperature of the neighbour weights (official: 0.07)
     resize_size: int = 256  # shorter side before the centre crop (official: 256)
     crop_size: int = 224  # centre crop (official: 224)
-    chunk_size: int = 1024  # queries per similarity chunk (memory = chunk_size x n_train)
+    chunk_size: int = 1024  # queries per similarity block
+    train_chunk_size: int = 65536  # training features per similarity block (memory ~ 17 B x chunk x train chunk)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "temperature", "resize_size", "crop_size", "chunk_size")
+        _check_positive(self, "temperature", "resize_size", "crop_size", "chunk_size", "train_chunk_size")
         if not self.ks or min(self.ks) <= 0:
             raise ConfigError(f"ks={list(self.ks)}: give one or more positive numbers of neighbours")
 
@@ -476,10 +477,12 @@ class KnnEvalConfig(EvalCommon):
 class LinearEvalConfig(EvalCommon):
     """`opendino eval linear`: linear probes on frozen features, the official grid trained at once."""
 
+    _OFFICIAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)  # not a field
+
     train: str  # labelled training folder: <train>/<class>/<image>
     val: str  # labelled validation folder (official: the best head is picked on it)
     mode: str = "fast"  # fast: heads trained on cached centre-crop features; augment: official random crops + flips
-    learning_rates: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+    learning_rates: tuple[float, ...] = _OFFICIAL_LRS  # SGD rates of the grid (official: 13), x train_batch_size/256
     n_last_blocks: tuple[int, ...] = (1, 4)  # CLS tokens of the last n blocks, concatenated (official: 1 and 4)
     avgpool: tuple[bool, ...] = (False, True)  # also concatenate the mean patch token of the last block
     epochs: int = 10  # training epochs of epoch_length iterations (official: 10)
@@ -495,8 +498,8 @@ class LinearEvalConfig(EvalCommon):
         _check_positive(self, "epochs", "epoch_length", "train_batch_size", "resize_size", "crop_size")
         if not self.learning_rates or min(self.learning_rates) <= 0:
             raise ConfigError(f"learning_rates={list(self.learning_rates)}: give one or more positive rates")
-        if not self.n_last_blocks or min(self.n_last_blocks) <= 0:
-            raise ConfigError(f"n_last_blocks={list(self.n_last_blocks)}: give one or more positive block counts")
+        if not self.n_last_blocks or min(self.n_last_blocks) <= 0 or max(self.n_last_blocks) > 4:
+            raise ConfigError(f"n_last_blocks={list(self.n_last_blocks)}: give one or more block counts in 1..4")
         if not self.avgpool:
             raise ConfigError("avgpool: give at least one of false, true")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -515,6 +518,7 @@ class LogregEvalConfig(EvalCommon):
     holdout_fraction: float = 0.1  # part of train that picks C (official: 10%); the best C is then refit on all
     max_iter: int = 1000  # L-BFGS iterations per fit (official: 1000)
     tol: float = 1e-12  # L-BFGS tolerance (official: 1e-12)
+    warm_start: bool = True  # start each fit from the previous C's solution (same optimum, fewer iterations)
     resize_size: int = 224  # shorter side before the centre crop (official logreg: 224, unlike kNN / linear)
     crop_size: int = 224  # centre crop (official: 224)
 
@@ -532,27 +536,45 @@ class SegEvalConfig(EvalCommon):
     """`opendino eval seg`: linear semantic segmentation on frozen patch tokens ("linear" or "+ms")."""
 
     train: str  # folder with images/ and labels/ (label PNGs holding class indices, same file stems)
-    val: str  # validation folder in the same layout
+    val: str  # validation folder in the same layout (may be the train folder with other dirs / list)
+    images_dir: tuple[str, ...] = ("images",)  # image sub-folder of train and val, or two: train's then val's
+    labels_dir: tuple[str, ...] = ("labels",)  # label sub-folder of train and val, or two: train's then val's
+    train_list: str = ""  # optional text file of train file stems (VOC: ImageSets/Segmentation/train.txt)
+    val_list: str = ""  # optional text file of val file stems (relative paths: to the val folder if not found)
+    reduce_zero_label: bool = False  # label 0 -> ignore_index, others -1 (ADE20K; done before everything else)
     variant: str = "linear"  # linear: BN + 1x1 conv on the last block; ms: on the last 4 blocks + multi-scale test
     num_classes: int = 0  # classes (0 = 1 + the largest label value found in train, ignore_index excluded)
     ignore_index: int = 255  # label value left out of the loss and the metrics (CamVid: 11)
     class_names: tuple[str, ...] = ()  # names for the table and pictures (default: class_0, class_1, ...)
-    crop_size: int = 448  # training crop side in pixels, a multiple of the patch size
-    iterations: int = 4000  # training steps of the linear head
-    train_batch_size: int = 8  # crops per training step
+    mode: str = "auto"  # fast: head on cached token maps (+ mirror); augment: official crops; auto: augment on GPU
+    resize_size: int = 448  # shorter side at test and the base of random scaling (official: 512 linear, 640 ms)
+    ratio_range: tuple[float, ...] = (0.5, 2.0)  # augment mode: random scale of resize_size (official ms: 1 3)
+    crop_size: int = 448  # augment mode: training crop side in pixels (official: 512 linear, 640 ms)
+    cat_max_ratio: float = 0.75  # augment mode: retry a crop where one class covers more (1 = off)
+    cache_flips: bool = True  # fast mode: also store the token maps of horizontally flipped train images
+    iterations: int = 4000  # training steps of the linear head (official: 40000)
+    train_batch_size: int = 8  # crops per training step (official: 16)
     lr: float = 1e-3  # AdamW learning rate, poly decay after a linear warm-up
     weight_decay: float = 1e-4  # AdamW weight decay
-    warmup_iterations: int = 150  # linear warm-up steps
+    warmup_iterations: int = 150  # linear warm-up steps (official: 1500 of 40000)
+    inference: str = "whole"  # whole: one pass per view; slide: crop_size windows, stride 2/3 of a window
     test_scales: tuple[float, ...] = (1.0, 1.32, 1.73, 2.28, 3.0)  # "ms" test-time scales (with flips)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("variant", self.variant, ("linear", "ms"))
-        _check_positive(self, "crop_size", "iterations", "train_batch_size", "lr")
+        _check_choice("mode", self.mode, ("auto", "fast", "augment"))
+        _check_choice("inference", self.inference, ("whole", "slide"))
+        _check_positive(self, "resize_size", "crop_size", "iterations", "train_batch_size", "lr", "cat_max_ratio")
         if self.num_classes < 0 or self.warmup_iterations < 0 or self.weight_decay < 0:
             raise ConfigError("num_classes, warmup_iterations and weight_decay must be >= 0")
         if not self.test_scales or min(self.test_scales) <= 0:
             raise ConfigError(f"test_scales={list(self.test_scales)}: give one or more positive scales")
+        if len(self.ratio_range) != 2 or not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ConfigError(f"ratio_range={list(self.ratio_range)}: give two positive values, low <= high")
+        for name in ("images_dir", "labels_dir"):
+            if len(getattr(self, name)) not in (1, 2):
+                raise ConfigError(f"{name}={list(getattr(self, name))}: give one folder name, or two (train, val)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -566,20 +588,31 @@ class DepthEvalConfig(EvalCommon):
     max_depth: float = 10.0  # largest depth in metres: bin range and validity (NYU: 10, KITTI: 80)
     n_layers: int = 1  # 1: last block ("lin. 1"); 4: four evenly spaced blocks ("lin. 4")
     n_bins: int = 256  # uniform depth bins of the classification head (official: 256)
-    crop_size: int = 448  # training crop side in pixels, a multiple of the patch size
+    image_size: int = 0  # shorter side fed to the backbone in pixels (0 = native); metrics stay at depth-map size
+    train_mode: str = "cached"  # cached: tokens of whole images + mirrors computed once; online: crop/flip/jitter
+    crop_size: int = 448  # online training crop side in pixels, a multiple of the patch size
     iterations: int = 2000  # training steps of the linear head
-    train_batch_size: int = 4  # crops per training step
+    train_batch_size: int = 4  # images (cached) or crops (online) per training step
     lr: float = 5e-3  # AdamW learning rate (cosine after a linear warm-up)
     weight_decay: float = 0.01  # AdamW weight decay
-    warmup_iterations: int = 100  # linear warm-up steps (also the SigLoss warm-up of the official code)
+    warmup_iterations: int = 100  # linear learning-rate warm-up steps
+    loss_warmup_iterations: int = 100  # first steps on SigLoss's warm-up form sqrt(0.15 mean(g)^2) (official: 100)
+    flip_tta: bool = True  # average the predictions of each validation image and of its mirror (official)
+    eval_crop: str = "none"  # evaluation mask: none, nyu (rows 45:471, cols 41:601 of 480x640) or kitti_garg
+    pictures: int = 6  # validation images drawn in predictions.png (0 = none)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "depth_scale", "min_depth", "max_depth", "n_bins", "crop_size", "iterations")
         _check_positive(self, "train_batch_size", "lr")
         _check_choice("n_layers", str(self.n_layers), ("1", "4"))
+        _check_choice("train_mode", self.train_mode, ("cached", "online"))
+        _check_choice("eval_crop", self.eval_crop, ("none", "nyu", "kitti_garg"))
         if self.min_depth >= self.max_depth:
             raise ConfigError(f"min_depth={self.min_depth} must be < max_depth={self.max_depth}")
+        for name in ("image_size", "weight_decay", "warmup_iterations", "loss_warmup_iterations", "pictures"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -592,7 +625,7 @@ class RetrievalEvalConfig(EvalCommon):
     ground_truth: str  # .json {query: {"positives": [...], "junk": [...]}} or a revisitop gnd_*.pkl file
     ks: tuple[int, ...] = (1, 5, 10)  # recall@k and precision@k cut-offs
     resize_size: int = 256  # shorter side before the centre crop
-    crop_size: int = 224  # centre crop (0 = whole image resized to resize_size on its shorter side)
+    crop_size: int = 224  # centre crop (0 = no crop: the whole image squashed to resize_size x resize_size)
     feature: str = "cls"  # descriptor: cls (CLS token) or gem (generalised-mean pooled patch tokens, p = 3)
 
     def __post_init__(self) -> None:
@@ -603,6 +636,12 @@ class RetrievalEvalConfig(EvalCommon):
             raise ConfigError(f"ks={list(self.ks)}: give one or more positive cut-offs")
         if self.crop_size < 0:
             raise ConfigError(f"crop_size={self.crop_size}: must be >= 0")
+
+
+_COPY_EDITS = (
+    "crop", "rotate", "flip", "pad", "background", "color", "grayscale", "overlay_image", "emoji", "text", "blur",
+    "pixelate", "jpeg",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -616,12 +655,19 @@ class CopydetectEvalConfig(EvalCommon):
     resize_size: int = 256  # shorter side before the centre crop
     crop_size: int = 224  # centre crop
     k: int = 10  # neighbours kept per query (predictions pooled for micro-AP)
+    edits: tuple[str, ...] = _COPY_EDITS  # edits drawn from for each query (empty: exact copies, a sanity check)
+    min_edits: int = 2  # fewest edits composed per query
+    max_edits: int = 4  # most edits composed per query (each query draws its number in min_edits..max_edits)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "n_queries", "resize_size", "crop_size", "k")
+        _check_positive(self, "n_queries", "resize_size", "crop_size", "k", "min_edits")
         if self.n_distractor_queries < 0:
             raise ConfigError(f"n_distractor_queries={self.n_distractor_queries}: must be >= 0")
+        for name in self.edits:
+            _check_choice("edits", name, _COPY_EDITS)
+        if self.max_edits < self.min_edits:
+            raise ConfigError(f"max_edits={self.max_edits} must be >= min_edits={self.min_edits}")
 
 
 _CORRUPTIONS = (
@@ -640,10 +686,12 @@ class RobustnessEvalConfig(EvalCommon):
     classifier: str = "linear"  # linear (the best head of the fast linear protocol) or knn (k = 20)
     corruptions: tuple[str, ...] = _CORRUPTIONS  # ImageNet-C corruption names (default: the 15 of the benchmark)
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)  # severities 1-5
-    baseline: str = ""  # results.json of an earlier robustness run: CE normalised by its errors ("" = unnormalised)
+    baseline: str = ""  # earlier robustness results.json (or its folder), or alexnet: CE / mCE ("" = mean error)
     max_per_class: int = 0  # validation images per class (0 = all): a smaller, faster run
     resize_size: int = 256  # shorter side before the centre crop; corruptions act on the crop, as ImageNet-C
     crop_size: int = 224  # centre crop
+    linear_epochs: int = 10  # classifier=linear: epochs of the fast linear protocol (official: 10)
+    linear_epoch_length: int = 1250  # classifier=linear: iterations per epoch (official: 1250)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -657,7 +705,7 @@ class RobustnessEvalConfig(EvalCommon):
                 raise ConfigError(f"severities: {s} is not in 1..5")
         if self.max_per_class < 0:
             raise ConfigError(f"max_per_class={self.max_per_class}: must be >= 0")
-        _check_positive(self, "resize_size", "crop_size")
+        _check_positive(self, "resize_size", "crop_size", "linear_epochs", "linear_epoch_length")
 
 
 EVAL_CONFIGS: dict[str, type] = {

@@ -77,3 +77,23 @@ def test_training_runs_on_gpu_in_every_precision(tmp_path, precision):
     assert ("scaler" in state) == (precision == "fp16")
     backbone = load_backbone(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in backbone.parameters())
+
+
+def test_cached_eval_features_on_gpu_match_cpu_and_key_on_precision(tmp_path):
+    from opendino.data.augment import make_eval_transform
+    from opendino.eval.features import cached_features
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(paths[-1])
+    torch.manual_seed(0)
+    model = build_backbone("debug").eval()
+    t = make_eval_transform(64, 64)
+    kw = dict(identity={"preset": "debug"}, outputs=("cls", "cls_blocks"), cache_dir=tmp_path / "cache")
+    cpu = cached_features(model, paths, t, device=torch.device("cpu"), **kw)
+    gpu = cached_features(model.cuda(), paths, t, device=torch.device("cuda"), amp="bf16", **kw)
+    assert not gpu.from_cache  # bf16 features are a separate cache entry from fp32 ones
+    for k in ("cls", "cls_blocks"):
+        assert _rel(torch.from_numpy(gpu.features[k]), torch.from_numpy(cpu.features[k])) < 3e-2
