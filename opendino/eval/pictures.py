@@ -74,7 +74,7 @@ def save_confusion_matrix(
 
 
 def save_image_grid(
-    rows: Sequence[Sequence[np.ndarray]],
+    rows: Sequence[Sequence[np.ndarray | None]],
     path: str | os.PathLike[str],
     *,
     column_titles: Sequence[str] = (),
@@ -84,7 +84,7 @@ def save_image_grid(
     vmax: Sequence[float | None] = (),
     cell_size: float = 2.4,
 ) -> Path:
-    """A grid of pictures: rows[i][j] is (H, W, 3) in [0, 1] or (H, W) drawn with cmaps[j] (per column).
+    """A grid of pictures: rows[i][j] is (H, W, 3) in [0, 1], (H, W) drawn with cmaps[j] (per column), or None (empty).
 
     `vmin` / `vmax` fix the colour range of a column (e.g. the same depth range for prediction and ground truth).
     """
