@@ -252,27 +252,10 @@ def build_benchmark(
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _thumbnail(path: str, colour: tuple[float, float, float] | None = None, size: int = 112) -> np.ndarray:
-    from PIL import ImageOps
-
-    from opendino.data.sources import load_image
-
-    img = np.asarray(ImageOps.pad(load_image(path), (size, size), color=(255, 255, 255)), dtype=np.float32) / 255
-    if colour is None:
-        return img
-    framed = np.empty((size + 12, size + 12, 3), dtype=np.float32)
-    framed[:] = colour
-    framed[6:-6, 6:-6] = img
-    return framed
-
-
 def _save_pictures(ctx, bench: CopyBenchmark, kept: list[int], refs: list[str], gt: Tensor, scores, indices, result):
-    import matplotlib
+    from opendino.eval.pictures import pyplot, save_figure, save_image_grid, thumbnail
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from opendino.eval.pictures import save_image_grid
+    plt = pyplot()
 
     copies = [r for r in range(len(kept)) if gt[r] >= 0]
     distractors = [r for r in range(len(kept)) if gt[r] < 0]
@@ -283,8 +266,8 @@ def _save_pictures(ctx, bench: CopyBenchmark, kept: list[int], refs: list[str], 
         q = kept[r]
         top = int(indices[r, 0])
         colour = (0.1, 0.7, 0.1) if top == gt[r] else (0.85, 0.1, 0.1)
-        reference = _thumbnail(refs[gt[r]]) if gt[r] >= 0 else np.ones((112, 112, 3), np.float32)  # none: blank
-        rows.append([reference, _thumbnail(bench.queries[q]), _thumbnail(refs[top], colour)])
+        reference = thumbnail(refs[gt[r]]) if gt[r] >= 0 else np.ones((112, 112, 3), np.float32)  # none: blank
+        rows.append([reference, thumbnail(bench.queries[q]), thumbnail(refs[top], colour)])
         titles.append(("distractor\n" if gt[r] < 0 else "") + "\n".join(bench.edits[q]) + f"\nscore {scores[r, 0]:.2f}")
     if rows:
         save_image_grid(rows, ctx.picture_path("copies.png"), column_titles=["reference", "query", "top-1"],
@@ -295,8 +278,10 @@ def _save_pictures(ctx, bench: CopyBenchmark, kept: list[int], refs: list[str], 
     ax.axhline(0.9, color="grey", lw=0.8, ls="--")
     title = f"micro-AP {result['micro_ap']:.3f} (top-{indices.shape[1]} predictions pooled)"
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
-    fig.savefig(ctx.picture_path("precision_recall.png"), dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        save_figure(fig, ctx.picture_path("precision_recall.png"))
+    finally:
+        plt.close(fig)
 
 
 def _per_edit(bench: CopyBenchmark, kept: list[int], gt: Tensor, indices: Tensor) -> list[list[Any]]:

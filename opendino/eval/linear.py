@@ -469,9 +469,9 @@ def _prepare(ctx, cfg) -> _Data:
 
 
 def _save_lr_curves(result: LinearProbeResult, accuracies: dict[str, float], configs, lrs, path, title: str) -> None:
-    from opendino.eval.pictures import _pyplot, _save
+    from opendino.eval.pictures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for n, pool in configs:
         ys = [accuracies[head_name(n, pool, lr)] for lr in lrs]
@@ -486,7 +486,7 @@ def _save_lr_curves(result: LinearProbeResult, accuracies: dict[str, float], con
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     try:
-        _save(fig, path)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
 

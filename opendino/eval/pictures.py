@@ -1,8 +1,9 @@
 """Pictures of evaluation results, written with matplotlib's Agg backend (no display needed).
 
 `save_confusion_matrix` for classifiers; `save_image_grid` for rows of images next to each other (segmentation and
-depth predictions beside the ground truth, retrieval top-k rows); `denormalize` turns a normalised CHW tensor back
-into an HxWx3 picture.
+depth predictions beside the ground truth, retrieval top-k rows); `thumbnail` reads an image file as a square
+picture, optionally framed in a colour; `denormalize` turns a normalised CHW tensor back into an HxWx3 picture;
+`pyplot` and `save_figure` for the evaluations' own plots.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 
 from opendino.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["denormalize", "save_confusion_matrix", "save_image_grid"]
+__all__ = ["denormalize", "pyplot", "save_confusion_matrix", "save_figure", "save_image_grid", "thumbnail"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -37,7 +39,8 @@ def denormalize(
     return (image.detach().cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def _save(fig, path: str | os.PathLike[str]) -> Path:
+def save_figure(fig, path: str | os.PathLike[str]) -> Path:
+    """Save `fig` to `path` atomically (a temporary name, then a rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -49,7 +52,7 @@ def save_confusion_matrix(
     cm: np.ndarray | Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike[str], title: str = ""
 ) -> Path:
     """Row-normalised confusion matrix (true label down, prediction across) with the counts written in small grids."""
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(cm, dtype=np.float64)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     n = len(classes)
@@ -68,7 +71,7 @@ def save_confusion_matrix(
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix (rows normalised)")
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -88,7 +91,7 @@ def save_image_grid(
 
     `vmin` / `vmax` fix the colour range of a column (e.g. the same depth range for prediction and ground truth).
     """
-    plt = _pyplot()
+    plt = pyplot()
     if not rows or not rows[0]:
         raise ValueError("no pictures to draw")
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
@@ -112,6 +115,31 @@ def save_image_grid(
             )
     fig.tight_layout()
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def thumbnail(
+    path: str | os.PathLike[str], colour: tuple[float, float, float] | None = None, size: int = 112, *, fit: str = "pad"
+) -> np.ndarray:
+    """An image file as a (size, size, 3) picture in [0, 1]: padded with white (fit="pad") or centre-cropped
+    (fit="crop"); with `colour`, framed by a 6-pixel border of that RGB colour."""
+    from PIL import ImageOps
+
+    from opendino.data.sources import load_image
+
+    img = load_image(os.fspath(path))
+    if fit == "pad":
+        img = ImageOps.pad(img, (size, size), color=(255, 255, 255))
+    elif fit == "crop":
+        img = ImageOps.fit(img, (size, size))
+    else:
+        raise ValueError(f"fit={fit!r}: expected 'pad' or 'crop'")
+    pic = np.asarray(img, dtype=np.float32) / 255.0
+    if colour is None:
+        return pic
+    framed = np.empty((size + 12, size + 12, 3), dtype=np.float32)
+    framed[:] = colour
+    framed[6:-6, 6:-6] = pic
+    return framed

@@ -318,33 +318,19 @@ def _keep_database(lists: list[list[int]], keep: list[int]) -> list[list[int]]:
     return [[new[i] for i in row if i in new] for row in lists]
 
 
-def _thumbnail(path: str, colour: tuple[float, float, float] | None, size: int = 112) -> np.ndarray:
-    from PIL import ImageOps
-
-    from opendino.data.sources import load_image
-
-    img = np.asarray(ImageOps.fit(load_image(path), (size, size)), dtype=np.float32) / 255.0
-    if colour is None:
-        return img
-    border = np.empty((size + 12, size + 12, 3), dtype=np.float32)
-    border[:] = colour
-    border[6:-6, 6:-6] = img
-    return border
-
-
 _COLOURS = {1: (0.1, 0.7, 0.1), 0: (0.85, 0.1, 0.1), -1: (0.6, 0.6, 0.6)}  # positive, negative, junk
 
 
 def _save_topk(path: Path, queries, database, ranks, positives, junk, ap: Tensor, n_cols: int, n_rows: int = 6):
-    from opendino.eval.pictures import save_image_grid
+    from opendino.eval.pictures import save_image_grid, thumbnail
 
     shown = [i for i in range(len(queries)) if not ap[i].isnan()]
     shown = [shown[int(t)] for t in np.linspace(0, len(shown) - 1, min(n_rows, len(shown)))] if shown else []
     rows, titles = [], []
     for i in shown:
         label = {d: -1 for d in junk[i]} | {d: 1 for d in positives[i]}
-        row = [_thumbnail(queries[i], None)]
-        row += [_thumbnail(database[d], _COLOURS[label.get(d, 0)]) for d in ranks[i, :n_cols].tolist()]
+        row = [thumbnail(queries[i], None, fit="crop")]
+        row += [thumbnail(database[d], _COLOURS[label.get(d, 0)], fit="crop") for d in ranks[i, :n_cols].tolist()]
         rows.append(row)
         titles.append(f"{Path(queries[i]).name[:22]}\nAP {ap[i].item():.2f}")
     if rows:

@@ -281,9 +281,9 @@ def load_baseline(
 # ------------------------------------------------------------------------------------------------------ pictures
 def save_error_heatmap(errors: BySet, path: str | os.PathLike[str], title: str = "") -> Path:
     """Top-1 error (%) per corruption (rows) and severity (columns), numbers written in the cells."""
-    from opendino.eval.pictures import _pyplot, _save
+    from opendino.eval.pictures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(errors)
     severities = sorted({s for v in errors.values() for s in v})
     grid = np.array([[100 * errors[c].get(s, np.nan) for s in severities] for c in names])
@@ -299,7 +299,7 @@ def save_error_heatmap(errors: BySet, path: str | os.PathLike[str], title: str =
     ax.set_title(title or "top-1 error (%)", fontsize=10)
     fig.colorbar(image, ax=ax, label="top-1 error (%)")
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
