@@ -464,7 +464,7 @@ class KnnEvalConfig(EvalCommon):
     resize_size: int = 256  # shorter side before the centre crop (official: 256)
     crop_size: int = 224  # centre crop (official: 224)
     chunk_size: int = 1024  # queries per similarity block
-    train_chunk_size: int = 65536  # training features per similarity block (memory ~ 17 B x chunk x train chunk)
+    train_chunk_size: int = 65536  # training features per similarity block (float32 chunk_size x this on device)
 
     def __post_init__(self) -> None:
         super().__post_init__()
