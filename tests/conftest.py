@@ -23,3 +23,13 @@ def _seed():
 def _feature_cache(tmp_path_factory, monkeypatch):
     """Evaluations cache features under $OPENDINO_CACHE: keep every test's cache out of the user's home."""
     monkeypatch.setenv("OPENDINO_CACHE", str(tmp_path_factory.mktemp("feature-cache")))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors, where thread synchronisation dominates (10x slower and more on
+    a busy machine); the previous setting is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,20 +15,13 @@ from scipy import ndimage
 from opendino.eval import corruptions as C
 from opendino.eval.corruptions import CORRUPTIONS, corrupt
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync would dominate
+
 RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "frost", "fog",
           "elastic_transform"}  # fmt: skip
 # steps s -> s + 1 where ImageNet-C's own severity table changes the pixels less (measured on photos with the
 # reference code: glass blur's sigma / shuffle pairs, snow 2 -> 3, frost 3 -> 4, elastic 1-2 affine vs 3-5 local)
 KNOWN_DIPS = {"glass_blur": {1, 3}, "snow": {2}, "frost": {3}, "elastic_transform": {2}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread is faster, and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def natural_images(n: int = 3, h: int = 64, w: int = 96, seed: int = 0) -> torch.Tensor:

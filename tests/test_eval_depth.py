@@ -40,14 +40,7 @@ from opendino.eval.depth_data import (
 )
 from opendino.models.hub import load_backbone
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small CPU ops run faster on one thread than on two contended ones (a busy CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync would dominate
 
 
 def make_scenes(root, n: int, seed: int, h: int = 48, w: int = 64) -> None:

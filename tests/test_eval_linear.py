@@ -31,17 +31,10 @@ from opendino.eval.linear import (
     run,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync would dominate
+
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40), "yellow": (220, 200, 40)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The reference loops run many tiny ops: one intra-op thread is much faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _features(n: int, dim: int, *, gen: torch.Generator) -> dict[str, torch.Tensor]:

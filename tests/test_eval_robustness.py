@@ -21,16 +21,9 @@ from opendino.eval.knn import knn_scores
 from opendino.eval.robustness import ALEXNET_ERRORS, corruption_errors, load_baseline, stratified_subset
 from opendino.models.hub import build_backbone
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync would dominate
+
 SETS = dict(corruptions=("gaussian_noise", "contrast"), severities=(1, 5))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread is faster, and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------------ the math

@@ -45,16 +45,9 @@ from opendino.eval.seg_data import (
 )
 from opendino.models.hub import build_backbone
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync would dominate
+
 RED, BLUE = (220, 30, 30), (30, 30, 220)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors run faster on one thread, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_split(root, n: int, *, size: int = 64, seed: int = 0, ignore: int = 255) -> str:

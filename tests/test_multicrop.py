@@ -17,6 +17,8 @@ from torchvision.transforms import v2
 
 from opendino.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: thread sync would dominate
+
 FIXTURE = Path(__file__).parent / "fixtures" / "official" / "multicrop.safetensors"
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -24,15 +26,6 @@ STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 # float32 ulps (see tests/test_augment.py); any real pixel difference is >= 1/255/0.229 = 0.017.
 ATOL = 2e-6
 TINY = {"global_crops_size": 8, "local_crops_size": 8, "local_crops_number": 2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny crops: with several intra-op threads, the sync overhead of each 8x8 conv dominates (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _image(h: int = 20, w: int = 30, seed: int = 0) -> Image.Image:
