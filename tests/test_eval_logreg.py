@@ -4,6 +4,7 @@ against plain scikit-learn fits, bad input, and the command end to end on images
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -116,3 +117,12 @@ def test_eval_logreg_command_end_to_end(tmp_path):
     assert len(record["extra"]["curve"]["c"]) == 5 and record["extra"]["confusion"] == [[3, 0, 0], [0, 3, 0], [0, 0, 3]]
     assert all((out / name).stat().st_size > 0 for name in record["extra"]["pictures"])
     assert "| best C | held-out top-1 |" in Path(out / "results.md").read_text()
+
+
+def test_missing_scikit_learn_is_one_clear_line(monkeypatch, capsys):
+    from opendino.cli import main
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # what an environment without the `eval` extra looks like
+    assert main(["eval", "logreg", "--backbone", "debug", "--train", "a", "--val", "b"]) == 2
+    err = capsys.readouterr().err
+    assert "needs scikit-learn" in err and "opendino[eval]" in err

@@ -194,9 +194,21 @@ def save_c_curve(sweep: LogregSweep, path: str | os.PathLike[str], title: str = 
 
 
 # ---------------------------------------------------------------------------------------------- opendino eval logreg
+class MissingDependencyError(RuntimeError):
+    """scikit-learn is not installed (the `eval` extra); the command line prints it as one line, exit code 2."""
+
+    exit_code = 2
+
+
 def run(cfg: LogregEvalConfig) -> dict[str, Any]:
     """`opendino eval logreg`: pick C on a held-out part of train, refit on all of train, score val."""
-    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+    try:
+        import sklearn  # noqa: F401
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"logistic regression needs scikit-learn ({e}); install it with: pip install 'opendino[eval]'"
+        ) from None
 
     from opendino.data.augment import make_eval_transform
     from opendino.eval.common import list_labelled_images, markdown_table, setup
