@@ -95,6 +95,23 @@ def test_cache_key_follows_transform_outputs_backbone_and_files(model, images, t
     assert not cached_features(model, copies, TRANSFORM, identity=ident, cache_dir=tmp_path).from_cache
 
 
+def test_cls_is_served_from_a_cached_cls_blocks_entry(model, images, tmp_path):
+    ident = {"preset": "debug", "seed": 0}
+    blocks = cached_features(
+        model, images, TRANSFORM, identity=ident, outputs=("cls_blocks", "mean"), cache_dir=tmp_path
+    )
+    cls = cached_features(model, images, TRANSFORM, identity=ident, outputs=("cls",), cache_dir=tmp_path)
+    assert not blocks.from_cache and cls.from_cache and set(cls.features) == {"cls"}
+    np.testing.assert_array_equal(cls.features["cls"], blocks.features["cls_blocks"][:, -1])
+    fresh = cached_features(model, images, TRANSFORM, identity=ident, outputs=("cls",), cache_dir=None)
+    np.testing.assert_allclose(cls.features["cls"], fresh.features["cls"], atol=1e-6)
+    other = make_eval_transform(40, 24)  # not covered: another transform, or an output the entry lacks
+    assert not cached_features(model, images, other, identity=ident, outputs=("cls",), cache_dir=tmp_path).from_cache
+    assert not cached_features(
+        model, images, TRANSFORM, identity=ident, outputs=("patch",), cache_dir=tmp_path
+    ).from_cache
+
+
 def test_bad_images_are_left_out_and_reported(model, images, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")

@@ -236,8 +236,9 @@ def _images_digest(paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _cache_key(identity: dict[str, Any], paths: Sequence[str], transform, outputs: Sequence[str], amp: str) -> str:
-    spec = {
+def _cache_spec(identity: dict[str, Any], paths: Sequence[str], transform, outputs: Sequence[str], amp: str) -> dict:
+    """Everything that decides a cache entry's contents; its hash names the entry and it is kept as key.json."""
+    return {
         "version": CACHE_VERSION,
         "backbone": identity,
         "images": _images_digest(paths),
@@ -246,7 +247,30 @@ def _cache_key(identity: dict[str, Any], paths: Sequence[str], transform, output
         "outputs": sorted(outputs),
         "amp": amp,
     }
+
+
+def _cache_key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _covering_entry(root: Path, spec: dict[str, Any]) -> Path | None:
+    """A complete entry for the same weights, images, transform and precision whose outputs include the asked ones
+    (`cls` is the last row of `cls_blocks`), e.g. the linear probe's features serving kNN."""
+    want = set(spec["outputs"])
+    same = {k: v for k, v in spec.items() if k != "outputs"}
+    for key_file in sorted(root.glob("*/key.json")):
+        try:
+            other = json.loads(key_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if {k: v for k, v in other.items() if k != "outputs"} != same:
+            continue
+        have = set(other.get("outputs", []))
+        if "cls_blocks" in have:
+            have.add("cls")
+        if want <= have and (key_file.parent / "features.json").exists():
+            return key_file.parent
+    return None
 
 
 def _compute(
@@ -349,8 +373,13 @@ def cached_features(
         parts = dist.all_gather_object(part) if world > 1 else [part]
         kept, feats, bad = _merge(parts)
     else:
-        folder = Path(cache_dir).expanduser() / _cache_key(identity, paths, transform, outputs, amp)
+        root = Path(cache_dir).expanduser()
+        spec = _cache_spec(identity, paths, transform, outputs, amp)
+        folder = root / _cache_key(spec)
         hit = (folder / "features.json").exists()
+        covering = None if hit or not root.is_dir() else _covering_entry(root, spec)
+        if covering is not None:
+            folder, hit = covering, True
         if not hit:
             part_name = f"part-{rank:05d}-of-{world:05d}"
             _write_part(folder, part_name, *_compute(model, paths, mine, transform, **compute))  # type: ignore[arg-type]
@@ -361,11 +390,10 @@ def cached_features(
                 for n in names:
                     (folder / f"{n}.safetensors").unlink(missing_ok=True)
                     (folder / f"{n}.json").unlink(missing_ok=True)
-                (folder / "key.json").write_text(json.dumps({"identity": identity, "n_images": len(paths),
-                                                             "transform": repr(transform), "outputs": list(outputs),
-                                                             "amp": amp}, indent=2))  # fmt: skip
+                (folder / "key.json").write_text(json.dumps(spec, indent=2))
             dist.barrier()
-        kept, feats, bad = _read_part(folder, "features")
+        kept, stored, bad = _read_part(folder, "features")
+        feats = {k: stored[k] if k in stored else stored["cls_blocks"][:, -1] for k in outputs}
     fs = FeatureSet(paths=[paths[i] for i in kept], features=feats, bad=[(paths[i], r) for i, r in bad])
     fs.from_cache = cache_dir is not None and hit
     return fs
