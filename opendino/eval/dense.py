@@ -19,7 +19,7 @@ from torch import Tensor
 
 from opendino.data.sources import image_extensions
 
-__all__ = ["center_pad", "depth_block_indices", "list_pairs", "token_maps"]
+__all__ = ["center_pad", "depth_block_indices", "files_by_stem", "list_pairs", "token_maps"]
 
 
 def list_pairs(
@@ -32,20 +32,9 @@ def list_pairs(
 
     Every image needs its target and every target its image: a mismatch is an error that names a few of them.
     """
-    root = Path(folder)
-    images_root, targets_root = root / image_dir, root / target_dir
-    for d in (images_root, targets_root):
-        if not d.is_dir():
-            raise ValueError(f"{folder}: expected sub-folders {image_dir}/ and {target_dir}/ ({d} is missing)")
-    exts = image_extensions()
-    images = {p.stem: p for p in images_root.iterdir() if p.suffix.lower() in exts and not p.name.startswith(".")}
-    targets = {
-        p.stem: p
-        for p in targets_root.iterdir()
-        if p.suffix.lower() in tuple(target_suffixes) and not p.name.startswith(".")
-    }
+    images, targets = files_by_stem(folder, image_dir, target_dir, target_suffixes)
     if not images:
-        raise ValueError(f"{images_root}: no images")
+        raise ValueError(f"{Path(folder) / image_dir}: no images")
     lonely = sorted(set(images) ^ set(targets))
     if lonely:
         raise ValueError(
@@ -53,6 +42,22 @@ def list_pairs(
             f"(same file stem expected, targets {list(target_suffixes)}), e.g. {lonely[:5]}"
         )
     return [(str(images[s]), str(targets[s])) for s in sorted(images)]
+
+
+def files_by_stem(
+    folder: str | os.PathLike[str], image_dir: str, target_dir: str, target_suffixes: Sequence[str]
+) -> tuple[dict[str, Path], dict[str, Path]]:
+    """({stem: image}, {stem: target}) of the two sub-folders (hidden files skipped); a missing folder is an error."""
+    root = Path(folder)
+    images_root, targets_root = root / image_dir, root / target_dir
+    for d in (images_root, targets_root):
+        if not d.is_dir():
+            raise ValueError(f"{folder}: expected sub-folders {image_dir}/ and {target_dir}/ ({d} is missing)")
+
+    def listing(d: Path, suffixes: Sequence[str] | frozenset[str]) -> dict[str, Path]:
+        return {p.stem: p for p in d.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")}
+
+    return listing(images_root, image_extensions()), listing(targets_root, tuple(target_suffixes))
 
 
 def center_pad(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int, int, int]]:

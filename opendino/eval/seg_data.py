@@ -39,8 +39,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from opendino.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from opendino.data.sources import BadImageError, image_extensions, load_image
-from opendino.eval.dense import list_pairs
+from opendino.data.sources import BadImageError, load_image
+from opendino.eval.dense import files_by_stem, list_pairs
 from opendino.eval.metrics import confusion_matrix
 
 __all__ = [
@@ -88,14 +88,9 @@ def list_seg_pairs(
     stems = [s for s in (line.strip() for line in listing.read_text().splitlines()) if s and not s.startswith("#")]
     if not stems:
         raise ValueError(f"{listing}: no file stems listed")
-    images_root, labels_root = root / images_dir, root / labels_dir
-    for d in (images_root, labels_root):
-        if not d.is_dir():
-            raise ValueError(f"{folder}: expected sub-folders {images_dir}/ and {labels_dir}/ ({d} is missing)")
-    exts = image_extensions()
-    images = {p.stem: p for p in images_root.iterdir() if p.suffix.lower() in exts and not p.name.startswith(".")}
-    pairs = [(images.get(s), labels_root / f"{s}.png") for s in stems]
-    missing = [s for s, (img, lab) in zip(stems, pairs, strict=True) if img is None or not lab.is_file()]
+    images, labels = files_by_stem(folder, images_dir, labels_dir, (".png",))
+    pairs = [(images.get(s), labels.get(s)) for s in stems]
+    missing = [s for s, (img, lab) in zip(stems, pairs, strict=True) if img is None or lab is None]
     if missing:
         raise ValueError(
             f"{listing}: {len(missing)} listed stems lack an image in {images_dir}/ or a label "
