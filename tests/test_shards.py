@@ -228,3 +228,42 @@ def test_fewer_shards_than_readers_is_a_clear_error(shard_dir: Path) -> None:
         _dataset(shard_dir, world_size=8, rank=0)
     with pytest.raises(ValueError, match=r"6 shard.* for 8 readers"):
         next(_dataset(shard_dir, world_size=2).iter_batches(worker=0, num_workers=4))
+
+
+# ------------------------------------------------------------------------------------------------ member references
+def test_shard_images_are_listed_as_member_references_that_load_image_reads(shard_dir):
+    from opendino.data.shards import list_shard_images, member_ref, split_member_ref
+    from opendino.data.sources import BadImageError, ImageDataset, list_images, load_image, source_kind
+
+    refs = list_images(_pattern(shard_dir))
+    assert refs == list_shard_images(_pattern(shard_dir))
+    assert source_kind(_pattern(shard_dir)) == "shards"
+    assert len(refs) == N_SHARDS * PER_SHARD + 1  # + the "both" sample of shard 0
+    shard0 = str(shard_dir / "train-000.tar")
+    assert refs[0] == member_ref(shard0, "s0_0.png") and split_member_ref(refs[0]) == (shard0, "s0_0.png")
+    assert member_ref(shard0, "both.jpg") in refs  # the preferred image of a multi-image sample
+    assert int(np.asarray(load_image(refs[1]))[0, 0, 0]) == _red(0, 1)
+    assert list_images(shard_dir / "train-002.tar")[4].endswith("train-002.tar::s2_4.PNG")
+    # the corrupt member, a missing member and a missing shard are bad images, not crashes
+    with pytest.raises(BadImageError):
+        load_image(member_ref(str(shard_dir / "train-001.tar"), f"{CORRUPT}.png"))
+    with pytest.raises(BadImageError, match="no member"):
+        load_image(member_ref(shard0, "absent.png"))
+    with pytest.raises(BadImageError, match="unreadable"):
+        load_image(member_ref(str(shard_dir / "absent.tar"), "s0_0.png"))
+    ds = ImageDataset(refs[:6])
+    assert [ds[i].reason for i in range(6)] == [None] * 6
+
+
+def test_a_manifest_of_member_references_is_read_by_training_sources(shard_dir, tmp_path):
+    from opendino.data.manifest import read_manifest, write_manifest
+    from opendino.data.sources import BadImageError, list_images, load_image
+
+    refs = list_images(str(shard_dir / "train-00[34].tar"))
+    write_manifest(tmp_path / "m.csv", refs, weights=[1.0] * len(refs))
+    assert read_manifest(tmp_path / "m.csv").paths == refs
+    assert int(np.asarray(load_image(read_manifest(tmp_path / "m.csv").paths[-1]))[0, 0, 0]) == _red(4, 4)
+    # a name that merely contains "::" but is no .tar reference is a plain (missing) file
+    assert not Path("a::b.png").exists()
+    with pytest.raises(BadImageError, match="no such file"):
+        load_image("a::b.png")

@@ -26,6 +26,7 @@ shard is logged and contributes the samples before the damage.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -42,9 +43,25 @@ from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from opendino.data.sampler import SHARD_BUFFER, SHARD_ORDER, SHARD_SAMPLE, TrainSample, derive_seed, seeded_call
-from opendino.data.sources import DEFAULT_MAX_PIXELS, BadImageError, _check_max_pixels, load_image_bytes
+from opendino.data.sources import (
+    DEFAULT_MAX_PIXELS,
+    TAR_MEMBER_SEP,
+    BadImageError,
+    _check_max_pixels,
+    load_image_bytes,
+)
 
-__all__ = ["DEFAULT_IMAGE_EXTENSIONS", "ShardDataset", "ShardIndex", "expand_shards", "index_shard"]
+__all__ = [
+    "DEFAULT_IMAGE_EXTENSIONS",
+    "ShardDataset",
+    "ShardIndex",
+    "expand_shards",
+    "index_shard",
+    "list_shard_images",
+    "member_ref",
+    "read_member",
+    "split_member_ref",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -145,6 +162,67 @@ def index_shard(path: str, extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS)
             best = (rank[ext], member)
     flush()
     return ShardIndex(names, offsets, sizes, problems[0] if problems else None)
+
+
+# ------------------------------------------------------------------------------------------------ member references
+def member_ref(shard: str, name: str) -> str:
+    """The reference ``<shard>::<member name>`` by which lists, manifests and ``load_image`` name a shard image."""
+    return f"{shard}{TAR_MEMBER_SEP}{name}"
+
+
+def split_member_ref(ref: str) -> tuple[str, str] | None:
+    """(shard path, member name) of a member reference, or None when ``ref`` is not one (no ``.tar::``)."""
+    shard, sep, name = ref.partition(TAR_MEMBER_SEP)
+    if not sep or not name or not shard.lower().endswith(".tar"):
+        return None
+    return shard, name
+
+
+def list_shard_images(
+    pattern: str | os.PathLike[str], extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS
+) -> list[str]:
+    """Member references of every sample image of the shards named by ``pattern`` (sorted shards, archive order).
+
+    The sample rules are those of training (``index_shard``); a damaged shard contributes the samples before the
+    damage and is logged. No images at all is a ``ValueError``.
+    """
+    refs: list[str] = []
+    for shard in expand_shards(pattern):
+        index = index_shard(shard, extensions)
+        if index.problem is not None:
+            _log.warning("shard %s is damaged (%s); listing its first %d samples", shard, index.problem, len(index))
+        refs += [member_ref(shard, name) for name in index.names]
+    if not refs:
+        raise ValueError(f"no images found in the shards {os.fspath(pattern)!r}")
+    return refs
+
+
+@functools.lru_cache(maxsize=_INDEX_CACHE)
+def _member_table(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    """{member name: (data offset, size)} of every regular member; keyed by size and mtime so a rewrite is seen."""
+    return {m.name: (m.offset_data, m.size) for m in _tar_members(shard, [])}
+
+
+def read_member(ref: str) -> bytes:
+    """The bytes of the shard member ``ref`` names; ``BadImageError`` if the shard or the member cannot be read."""
+    parsed = split_member_ref(ref)
+    if parsed is None:
+        raise ValueError(f"not a tar member reference (<shard>.tar{TAR_MEMBER_SEP}<member>): {ref!r}")
+    shard, name = parsed
+    try:
+        st = os.stat(shard)
+        table = _member_table(os.path.abspath(shard), st.st_size, st.st_mtime_ns)
+        if name not in table:
+            raise BadImageError(ref, f"no member {name!r} in the shard")
+        offset, size = table[name]
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as e:
+        raise BadImageError(ref, f"shard unreadable: {type(e).__name__}: {e}") from e
+    if len(data) != size:
+        raise BadImageError(ref, f"member truncated: {len(data)} of {size} bytes")
+    return data
 
 
 def _buffer_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:

@@ -4,8 +4,10 @@
 alpha composited onto white, 16-bit and float data rescaled) and raises one exception type,
 ``BadImageError``, for everything else: truncated, empty, non-image or oversized files.
 ``load_image_bytes`` applies the same rules to encoded bytes (tar shard members). ``list_images`` lists an image
-folder, a text file list or a manifest table, and ``source_kind`` tells training sources apart; ``ImageDataset`` plus
-``collate_skip_bad`` carry bad-image reasons from DataLoader workers back to the main process.
+folder, a text file list, a manifest table or the images of tar shards, and ``source_kind`` tells training sources
+apart. An image inside a tar shard is named by a member reference ``<shard>.tar::<member name>``
+(``TAR_MEMBER_SEP``): ``load_image`` reads it like a file, so lists, manifests and caches can hold shard images.
+``ImageDataset`` plus ``collate_skip_bad`` carry bad-image reasons from DataLoader workers back to the main process.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from opendino.data.manifest import MANIFEST_SUFFIXES, read_manifest_paths
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "MAX_ASPECT_RATIO",
+    "TAR_MEMBER_SEP",
     "BadImageError",
     "ImageDataset",
     "Sample",
@@ -52,6 +55,8 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Ghostscript subprocess on the file, which is a needless attack surface for crawled data.
 _EXCLUDED_FORMATS = frozenset({"MPEG", "EPS"})
 _LIST_SUFFIXES = (".txt", ".lst", ".list")
+# "<shard>.tar::<member>" names one member of a tar shard (see data.shards.member_ref)
+TAR_MEMBER_SEP = "::"
 
 
 class BadImageError(Exception):
@@ -190,6 +195,11 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     """
     path = os.fspath(path)
     _check_max_pixels(max_pixels)
+    if TAR_MEMBER_SEP in path:
+        from opendino.data.shards import read_member, split_member_ref  # shards imports this module
+
+        if split_member_ref(path) is not None:
+            return load_image_bytes(read_member(path), path, max_pixels=max_pixels)
     _check_file(path)
     return _decode_or_bad(path, path, max_pixels)
 
@@ -230,7 +240,8 @@ def _read_text_list(list_file: str) -> list[str]:
 
 
 def list_images(source: str | os.PathLike[str], *, extensions: Iterable[str] | None = None) -> list[str]:
-    """List the images of ``source``: a folder, a text file list (.txt/.lst/.list) or a table with a ``path`` column.
+    """List the images of ``source``: a folder, a text file list (.txt/.lst/.list), a table with a ``path`` column
+    or tar shards (a ``.tar`` file or a glob / brace pattern, listed as member references ``<shard>.tar::<member>``).
 
     A folder is walked recursively (hidden files and folders skipped, sorted deterministically) and keeps the files
     whose extension is in ``extensions`` (default: every format Pillow can decode, case-insensitive). List entries
@@ -239,7 +250,12 @@ def list_images(source: str | os.PathLike[str], *, extensions: Iterable[str] | N
     ``.parquet`` manifest (``data.manifest``): its ``path`` column, other columns (weights too) ignored. Returns
     absolute, normalised paths.
     """
-    path = os.path.abspath(os.fspath(source))
+    text = os.fspath(source)
+    if _names_shards(text):
+        from opendino.data.shards import list_shard_images  # shards imports this module
+
+        return list_shard_images(text)
+    path = os.path.abspath(text)
     if not os.path.exists(path):
         raise ValueError(f"image source does not exist: {os.fspath(source)!r}")
     if os.path.isdir(path):
@@ -270,6 +286,13 @@ _PATTERN_CHARS = frozenset("*?[{")
 SourceKind = Literal["folder", "list", "manifest", "shards"]
 
 
+def _names_shards(text: str) -> bool:
+    """A ``.tar`` file, or a glob / brace pattern that is not itself an existing path."""
+    if os.path.isdir(text):
+        return False
+    return text.lower().endswith(_SHARD_SUFFIXES) or (not os.path.exists(text) and bool(_PATTERN_CHARS & set(text)))
+
+
 def source_kind(source: str | os.PathLike[str]) -> SourceKind:
     """Which kind of training source ``source`` names, from its shape only (files are not opened).
 
@@ -281,9 +304,9 @@ def source_kind(source: str | os.PathLike[str]) -> SourceKind:
     text = os.fspath(source)
     if os.path.isdir(text):
         return "folder"
-    lower = text.lower()
-    if lower.endswith(_SHARD_SUFFIXES) or (not os.path.exists(text) and _PATTERN_CHARS & set(text)):
+    if _names_shards(text):
         return "shards"
+    lower = text.lower()
     if not os.path.exists(text):
         raise ValueError(f"image source does not exist: {text!r}")
     if lower.endswith(MANIFEST_SUFFIXES):
