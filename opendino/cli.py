@@ -55,10 +55,13 @@ def _load(schema: type, args: argparse.Namespace):
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from opendino import dist
     from opendino.extract import run_extract
 
     summary = run_extract(_load(config.ExtractConfig, args))
-    print(json.dumps({k: v for k, v in summary.items() if k != "fingerprint"}, indent=2))
+    if dist.is_main():
+        print(json.dumps({k: v for k, v in summary.items() if k != "fingerprint"}, indent=2))
+    dist.cleanup()
     return 0
 
 

@@ -97,6 +97,7 @@ class ExtractConfig:
     mean_pool: bool = False  # write the mean of the patch tokens: `mean` (n, D)
     patch_tokens: bool = False  # write all patch tokens: `patch` (n, h*w, D); large
     save_dtype: str = "float32"  # dtype on disk: float32, float16 or bfloat16 (bfloat16 only with safetensors)
+    normalize: bool = False  # L2-normalise every CLS / mean / patch vector before saving (cosine = dot product)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     amp: str = "bf16"  # autocast dtype on GPU: bf16, fp16 or none (CPU always runs fp32)
     channels_last: bool = True  # channels-last input memory format on GPU

@@ -10,6 +10,8 @@ Layout of the output folder:
 Shard s covers images [s * shard_size, (s + 1) * shard_size) of the sorted list; bad images are left out of its rows.
 Every file is written to a temporary name and renamed, and the paths file is renamed last, so a shard whose paths
 file exists is complete: an interrupted run restarted with the same command continues with the first missing shard.
+Under torchrun every process takes every world_size-th missing shard (each on its own GPU) and process 0 writes the
+totals once all are done; one process or many write the same files.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from opendino import dist
 from opendino.config import ConfigError, ExtractConfig, to_dict
 from opendino.data.augment import make_eval_transform, make_resize_transform
 from opendino.data.sources import list_images
@@ -72,6 +76,8 @@ def _write_shard(out: Path, s: int, cfg: ExtractConfig, rows: dict[str, Any], pa
     tensors = {"index": torch.tensor(rows["index"], dtype=torch.int64)}
     for name, chunks in rows["features"].items():
         t = torch.cat(chunks) if chunks else torch.zeros((0, *rows["shapes"][name]))  # a shard of only bad images
+        if cfg.normalize:
+            t = F.normalize(t.float(), dim=-1)
         tensors[name] = t.to(_DTYPES[cfg.save_dtype]).contiguous()
     if cfg.format == "safetensors":
         tmp = _shard_path(out, s, ".safetensors.tmp")
@@ -107,9 +113,10 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> Non
     _atomic_write_text(manifest, json.dumps({"complete": False, "fingerprint": fingerprint}, indent=2))
 
 
-def _pending_indices(out: Path, n_images: int, shard_size: int) -> list[int]:
+def _pending_indices(out: Path, n_images: int, shard_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """Image indices of the missing shards this process extracts: every world_size-th one, from its rank on."""
     n_shards = math.ceil(n_images / shard_size)
-    todo = [s for s in range(n_shards) if not _shard_path(out, s, ".paths.txt").exists()]
+    todo = [s for s in range(n_shards) if not _shard_path(out, s, ".paths.txt").exists()][rank::world_size]
     return [i for s in todo for i in range(s * shard_size, min((s + 1) * shard_size, n_images))]
 
 
@@ -136,15 +143,19 @@ def _batches_by_shard(batches: Iterator[FeatureBatch], shard_size: int) -> Itera
 
 
 def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
-    """Extract, write and return the summary that also lands in manifest.json."""
+    """Extract, write and return the summary that also lands in manifest.json (under torchrun: on every process)."""
+    device = pick_device(cfg.device)
+    if dist.init_distributed(device) and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
     # ---- inputs and output folder
     paths = list_images(cfg.data)
     out = Path(cfg.out)
     fingerprint = _fingerprint(cfg, paths)
-    _prepare_out(out, fingerprint, cfg.overwrite)
+    if dist.is_main():
+        _prepare_out(out, fingerprint, cfg.overwrite)
+    dist.barrier()
     outputs = [k for k, on in (("cls", cfg.cls), ("mean", cfg.mean_pool), ("patch", cfg.patch_tokens)) if on]
     # ---- model
-    device = pick_device(cfg.device)
     torch.manual_seed(0)  # a preset name means random weights: make them the same on every (resumed) run
     model = load_backbone(cfg.backbone, device=device).eval()
     shapes = _feature_shapes(cfg, model.patch_size, model.embed_dim)
@@ -154,8 +165,9 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     transform = (
         make_resize_transform(cfg.full_image) if cfg.full_image else make_eval_transform(cfg.resize_size, cfg.crop_size)
     )
-    # ---- loop over what is missing
-    todo = _pending_indices(out, len(paths), cfg.shard_size)
+    # ---- loop over what is missing (every process lists it before any writes a shard)
+    todo = _pending_indices(out, len(paths), cfg.shard_size, dist.rank(), dist.world_size())
+    dist.barrier()
     loader = make_loader(
         paths,
         transform,
@@ -186,7 +198,13 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     if current >= 0:
         _write_shard(out, current, cfg, rows, paths)
     bar.close()
-    return _finish(out, fingerprint, outputs, len(paths), n_done, time.perf_counter() - started)
+    n_done = int(dist.all_reduce(torch.tensor(n_done, dtype=torch.int64, device=device)).item())
+    summary = (
+        _finish(out, fingerprint, outputs, len(paths), n_done, time.perf_counter() - started)
+        if dist.is_main()
+        else None
+    )
+    return dist.broadcast_object(summary)  # type: ignore[return-value]
 
 
 def _finish(out: Path, fingerprint: dict, outputs: list[str], n_images: int, n_new: int, seconds: float) -> dict:

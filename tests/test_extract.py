@@ -188,3 +188,53 @@ def test_compile_option_really_compiles(tmp_path):
     run_extract(_cfg(folder, tmp_path / "c", compile=True))
     assert counters["stats"]["unique_graphs"] >= 1  # the forward went through the compiler
     np.testing.assert_allclose(load_extracted(tmp_path / "c")["cls"], eager["cls"], atol=1e-4)
+
+
+def test_normalized_float16_cls_from_tar_shards(tmp_path):
+    """The curation embedding: L2-normalised fp16 CLS rows of webdataset shard images, paths as member refs."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(3)
+    for s in range(2):
+        with tarfile.open(tmp_path / f"pool-{s}.tar", "w") as tf:
+            for j in range(3):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
+                info = tarfile.TarInfo(f"img{s}{j}.png")
+                info.size = buf.tell()
+                tf.addfile(info, io.BytesIO(buf.getvalue()))
+    pattern = str(tmp_path / "pool-{0..1}.tar")
+    run_extract(_cfg(pattern, tmp_path / "out", normalize=True, save_dtype="float16", format="npy"))
+    got = load_extracted(tmp_path / "out")
+    assert got["cls"].dtype == np.float16 and got["cls"].shape[0] == 6
+    np.testing.assert_allclose(np.linalg.norm(got["cls"].astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert got["paths"][4] == f"{tmp_path}/pool-1.tar::img11.png"
+    raw = run_extract(_cfg(pattern, tmp_path / "raw"))
+    assert raw["n_features"] == 6
+    ref = load_extracted(tmp_path / "raw")["cls"]
+    np.testing.assert_allclose(got["cls"], ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=2e-3)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_processes_write_the_shards_of_one(odd, tmp_path):
+    import subprocess
+    import sys
+
+    data, _ = odd
+    args = ["extract", "--backbone", "debug", "--data", str(data), "--resize-size", "32", "--crop-size", "32",
+            "--batch-size", "3", "--num-workers", "0", "--shard-size", "4", "--device", "cpu"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "opendino"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"complete": true') == 1  # the summary is printed once
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one, two = load_extracted(tmp_path / "one"), load_extracted(tmp_path / "two")
+    assert one["paths"] == two["paths"]
+    np.testing.assert_allclose(one["cls"], two["cls"], atol=1e-5)
+    summary = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert summary["complete"] and summary["processed_this_run"] == summary["n_images"]
+    assert (tmp_path / "two" / "bad_images.tsv").read_text() == (tmp_path / "one" / "bad_images.tsv").read_text()
