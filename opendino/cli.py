@@ -20,10 +20,12 @@ from opendino import config
 __all__ = ["main"]
 
 
-def _add_schema_flags(parser: argparse.ArgumentParser, schema: type) -> None:
+def _add_schema_flags(parser: argparse.ArgumentParser, schema: type, skip: Sequence[str] = ()) -> None:
     docs = config.field_docs(schema)
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
+        if f.name in skip:  # given as positional arguments instead
+            continue
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default
@@ -143,6 +145,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curate(args: argparse.Namespace) -> int:
+    source, overrides = args.config, list(args.overrides)
+    if source is not None and "=" in source:  # no CONFIG given: the first argument is already an override
+        source, overrides = None, [source, *overrides]
+    extra: dict = {}
+    if args.curate_stages:
+        extra["stages"] = sorted(set(args.curate_stages), key=config.CURATE_STAGES.index)
+    if args.force:
+        extra["force"] = True
+    cfg = config.load(config.CurateConfig, source, config.parse_overrides(overrides) | extra)
+    if args.print_config:
+        print(config.dump_yaml(cfg), end="")
+        return 0
+    from opendino import dist
+    from opendino.curate.pipeline import check_config, run_curate
+
+    check_config(cfg)
+    records = run_curate(cfg)
+    if dist.is_main():
+        print(json.dumps({stage: r.get("summary", {}) for stage, r in records.items()}, indent=2, default=str))
+    dist.cleanup()
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from opendino.quickstart import run_quickstart
 
@@ -206,6 +232,22 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="output: a .pth / .safetensors file (official, timm) or a folder (hf)")
     conv.add_argument("--to", required=True, choices=("official", "timm", "hf"), help="target layout")
     conv.set_defaults(handler=_cmd_convert)
+    cur = sub.add_parser(
+        "curate",
+        help="build a pretraining set from a raw image pool: embed, dedup, retrieve, balance, manifest",
+        description="Curate a pretraining set from a raw image pool (folders, lists, manifests, tar shards): embed "
+        "it with a backbone, remove near-duplicates (within the pool and of evaluation sets), retrieve images "
+        "around curated seed sets, balance with hierarchical k-means and write a manifest that `opendino train` "
+        "reads, with a report. CONFIG is a YAML file; key=value arguments override its keys (dotted names, e.g. "
+        "dedup.threshold=0.9, 'pool=[/data/a, /data/b]'). Rerunning skips the stages that are up to date.",
+    )
+    cur.add_argument("config", nargs="?", default=None, metavar="CONFIG", help="YAML file (see configs/curate_*)")
+    cur.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. out=runs/curated")
+    cur.add_argument("--stage", action="append", choices=config.CURATE_STAGES, dest="curate_stages",
+                     help="run only this stage (repeatable; default: every stage that is not up to date)")  # fmt: skip
+    cur.add_argument("--force", action="store_true", help="rerun the selected stages even when up to date")
+    cur.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    cur.set_defaults(handler=_cmd_curate)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 import re
@@ -24,10 +25,17 @@ from typing import Any, TypeVar
 import yaml
 
 __all__ = [
+    "CURATE_STAGES",
     "EVAL_CONFIGS",
     "ConfigError",
     "CopydetectEvalConfig",
     "CropsConfig",
+    "CurateBalanceConfig",
+    "CurateConfig",
+    "CurateDedupConfig",
+    "CurateEmbedConfig",
+    "CurateReportConfig",
+    "CurateRetrieveConfig",
     "DataConfig",
     "DepthEvalConfig",
     "DinoConfig",
@@ -46,6 +54,7 @@ __all__ = [
     "RobustnessEvalConfig",
     "RunConfig",
     "SchedulesConfig",
+    "SeedSetConfig",
     "SegEvalConfig",
     "TeacherConfig",
     "TrainConfig",
@@ -412,8 +421,176 @@ class TrainConfig:
             raise ConfigError("the schedule has no iterations")
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
 _AMPS = ("bf16", "fp16", "none")
+
+
+# ---------------------------------------------------------------------------------------------- curation
+CURATE_STAGES = ("embed", "dedup", "retrieve", "balance", "manifest")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class SeedSetConfig:
+    """A curated seed set: pool images close to its images are retrieved."""
+
+    name: str  # short label (letters, digits, . _ -) used in the manifest's `source` column and the report
+    data: str  # the seed images: folder, .txt list, manifest table or tar shards
+    method: str = "auto"  # "sample" (nearest pool images of each seed), "cluster" (pool clusters holding seeds), "auto"
+    k: int = 4  # sample-based: pool images retrieved per seed image (paper: 4; 32 for ImageNet-1k)
+    include: bool = True  # put the seed images themselves into the manifest too (the paper's curated sets "as is")
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ConfigError(f"seed set name {self.name!r}: use letters, digits, '.', '_' or '-'")
+        _check_choice("method", self.method, ("auto", "sample", "cluster"))
+        if self.k < 1:
+            raise ConfigError(f"k={self.k}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class CurateEmbedConfig:
+    """Stage 1: L2-normalised float16 CLS features of the pool, the seed sets and the evaluation sets."""
+
+    resize_size: int = 256  # shorter side before the centre crop (official eval transform: 256)
+    crop_size: int = 224  # centre crop, a multiple of the patch size (official: 224)
+    batch_size: int = 64  # images per forward pass
+    num_workers: int = 4  # DataLoader decoding processes (0: decode in the main process)
+    shard_size: int = 10_000  # images per feature shard (a killed run resumes at shard granularity)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", ...; under torchrun each process its own GPU
+    amp: str = "bf16"  # autocast dtype on GPU: bf16, fp16 or none (CPU always runs fp32)
+    compile: bool = False  # torch.compile the backbone (pays off for large pools on GPU)
+    max_image_pixels: int = 178_956_970  # larger images are skipped as decompression bombs
+
+    def __post_init__(self) -> None:
+        _check_choice("amp", self.amp, _AMPS)
+        _check_positive(self, "resize_size", "crop_size", "batch_size", "shard_size", "max_image_pixels")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class CurateDedupConfig:
+    """Stage 2: near-duplicate removal within the pool and against evaluation sets (k-NN graph, components)."""
+
+    k: int = 64  # neighbours per image in the k-NN graph (paper: 64)
+    threshold: float = 0.95  # cosine similarity above which two pool images are near-duplicates (see docs)
+    eval_sets: tuple[str, ...] = ()  # image sources (evaluation sets) whose near-duplicates leave the pool
+    eval_threshold: float = 0.9  # cosine similarity above which a pool image duplicates an evaluation image
+    expand_components: bool = True  # drop the whole pool duplicate group of a matched image (paper)
+    index: str = "auto"  # faiss index: "auto" (exact when small, IVF when large), "flat", "ivf" or "ivfpq"
+    examples: int = 8  # duplicate groups drawn in the report
+
+    def __post_init__(self) -> None:
+        _check_choice("index", self.index, ("auto", "flat", "ivf", "ivfpq"))
+        _check_positive(self, "k")
+        for name in ("threshold", "eval_threshold"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)}: a cosine similarity in [-1, 1]")
+        if self.examples < 0:
+            raise ConfigError(f"examples={self.examples}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class CurateRetrieveConfig:
+    """Stage 3: pool images retrieved around each seed set (sample-based or cluster-based, paper Sec. 3)."""
+
+    auto_sample_min: int = 1000  # method "auto": sample-based from this many seed images on, else cluster-based
+    min_similarity: float = -1.0  # sample-based: neighbours below this cosine similarity are not taken (-1: all)
+    n_clusters: int = 0  # cluster-based: k-means clusters of the pool (0: pool size / 100; paper: 100,000)
+    min_seeds: int = 3  # cluster-based: a cluster is taken when it holds more than this many seed images (paper: 3)
+    per_cluster: int = 10_000  # cluster-based: pool images taken from each chosen cluster (paper: 10,000)
+    cap: int = 1_000_000  # cluster-based: at most this many pool images per seed set (paper: 1M)
+    strategy: str = "random"  # cluster-based, in a cluster larger than per_cluster: "random" or "closest" images
+    kmeans_iters: int = 50  # cluster-based: Lloyd iterations of the pool k-means
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy", self.strategy, ("random", "closest"))
+        _check_positive(self, "auto_sample_min", "per_cluster", "cap", "kmeans_iters")
+        if self.n_clusters < 0 or self.min_seeds < 0:
+            raise ConfigError("n_clusters and min_seeds must be >= 0")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ConfigError(f"min_similarity={self.min_similarity}: a cosine similarity in [-1, 1]")
+
+
+@dataclass(frozen=True)
+class CurateBalanceConfig:
+    """Stage 4: hierarchical k-means with resampling, then balanced sampling (Vo et al. 2024)."""
+
+    apply_to: str = "auto"  # "pool" (deduplicated pool), "retrieved", "none"; "auto": retrieved if seeds, else pool
+    n_clusters: tuple[int, ...] = ()  # clusters per level, bottom up (empty: 2 levels, input/20 and input/100)
+    sample_sizes: tuple[int, ...] = ()  # resampling sample size per level, 1 = none (empty: 10, then 3, ...)
+    n_resamples: int = 10  # resampling rounds per level (each a fresh k-means++ k-means on the sample)
+    resample_strategy: str = "closest"  # resampling sample: the points "closest" to each centroid or "random"
+    n_iters: int = 50  # Lloyd iterations of every k-means (reference: 50, no early stop)
+    fit_sample: int = 0  # fit level 1 on this many random points, then assign all (0: all points; for 100M+)
+    target: int = 0  # images selected (0: half of the input)
+    multiplier: int = 1  # times one image may be selected at most (the count is its manifest weight)
+    leaf_strategy: str = "random"  # in a leaf cluster over its budget: "random" images or those "closest" to it
+    device: str = "auto"  # k-means device: "auto" (cuda if available), "cpu", "cuda", ...
+
+    def __post_init__(self) -> None:
+        _check_choice("apply_to", self.apply_to, ("auto", "pool", "retrieved", "none"))
+        _check_choice("resample_strategy", self.resample_strategy, ("closest", "random"))
+        _check_choice("leaf_strategy", self.leaf_strategy, ("random", "closest"))
+        _check_positive(self, "n_iters", "multiplier")
+        if any(k < 1 for k in self.n_clusters) or any(r < 1 for r in self.sample_sizes):
+            raise ConfigError("n_clusters and sample_sizes hold positive integers")
+        if self.sample_sizes and len(self.sample_sizes) != len(self.n_clusters):
+            raise ConfigError(
+                f"sample_sizes has {len(self.sample_sizes)} values for {len(self.n_clusters)} levels"
+            )
+        if self.n_resamples < 0 or self.fit_sample < 0 or self.target < 0:
+            raise ConfigError("n_resamples, fit_sample and target must be >= 0")
+
+
+@dataclass(frozen=True)
+class CurateReportConfig:
+    """Stage 5 (with the manifest): the report's pictures."""
+
+    clusters: int = 6  # balanced clusters drawn as image rows in the report
+    images_per_row: int = 8  # images per drawn cluster, duplicate group or retrieval example
+    retrieval_examples: int = 4  # seed images shown with their retrieved neighbours, per seed set
+
+    def __post_init__(self) -> None:
+        if self.clusters < 0 or self.retrieval_examples < 0 or self.images_per_row < 2:
+            raise ConfigError("clusters / retrieval_examples must be >= 0 and images_per_row >= 2")
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    """`opendino curate`: a pretraining set from a raw image pool (embed, dedup, retrieve, balance, manifest)."""
+
+    backbone: str  # preset name, checkpoint file, Hugging Face folder or opendino run directory
+    pool: tuple[str, ...]  # the raw image pool: folders, .txt lists, manifests or tar shard patterns
+    out: str  # output folder: one sub-folder per stage, manifest and report
+    seeds: tuple[SeedSetConfig, ...] = ()  # curated seed sets (name, data, method, k, include); none: balance only
+    stages: tuple[str, ...] = CURATE_STAGES  # stages to run, in pipeline order; an up-to-date stage is skipped
+    force: bool = False  # rerun the listed stages even when their outputs are up to date
+    seed: int = 0  # every random choice of the pipeline derives from it (k-means, sampling, report examples)
+    manifest: str = "manifest.csv"  # manifest file name inside `out` (.csv, .tsv or .parquet)
+    embed: CurateEmbedConfig = CurateEmbedConfig()  # stage 1
+    dedup: CurateDedupConfig = CurateDedupConfig()  # stage 2
+    retrieve: CurateRetrieveConfig = CurateRetrieveConfig()  # stage 3
+    balance: CurateBalanceConfig = CurateBalanceConfig()  # stage 4
+    report: CurateReportConfig = CurateReportConfig()  # stage 5
+
+    def __post_init__(self) -> None:
+        if not self.pool:
+            raise ConfigError("pool: name at least one image source")
+        for stage in self.stages:
+            _check_choice("stages", stage, CURATE_STAGES)
+        if list(self.stages) != sorted(set(self.stages), key=CURATE_STAGES.index):
+            raise ConfigError(f"stages={list(self.stages)}: each at most once, in the order {list(CURATE_STAGES)}")
+        names = [s.name for s in self.seeds]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"seeds: names must be unique, got {names}")
+        if not self.manifest.lower().endswith((".csv", ".tsv", ".parquet")) or "/" in self.manifest:
+            raise ConfigError(f"manifest={self.manifest!r}: a file name ending in .csv, .tsv or .parquet")
+        if self.balance.apply_to == "retrieved" and not self.seeds:
+            raise ConfigError("balance.apply_to=retrieved needs seed sets (seeds: [...])")
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -868,14 +1045,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+@functools.cache
+def _own_field_docs(cls: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=#]+(?:=[^#]*)?#\s*(.+)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
 def field_docs(schema: type) -> dict[str, str]:
     """{field: its trailing comment} read from the schema's source: the one place a field is documented."""
     docs: dict[str, str] = {}
     for cls in reversed([c for c in schema.__mro__ if dataclasses.is_dataclass(c)]):  # base classes first
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+): [^=#]+(?:=[^#]*)?#\s*(.+)$", line)
-            if m:
-                docs[m.group(1)] = m.group(2).strip()
+        docs.update(_own_field_docs(cls))
     return docs
 
 
@@ -887,6 +1071,8 @@ def dump_yaml(cfg: Any, header: str = "") -> str:
     lines = [f"# {line}".rstrip() for line in header.strip().splitlines()] if header.strip() else []
 
     def scalar(v: Any) -> str:
+        if dataclasses.is_dataclass(v):  # an item of a list of sections (e.g. curation seed sets): a flow mapping
+            v = to_dict(v)
         if isinstance(v, tuple | list):
             return "[" + ", ".join(scalar(x) for x in v) + "]"
         return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()

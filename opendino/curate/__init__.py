@@ -1,0 +1,1 @@
+"""Data curation: embed a raw image pool, deduplicate it, retrieve images near curated seeds, balance by k-means."""
