@@ -295,3 +295,23 @@ def test_print_config_round_trips(pools, tmp_path, capsys):
     text = capsys.readouterr().out
     (tmp_path / "c.yaml").write_text(text)
     assert config.load(config.CurateConfig, tmp_path / "c.yaml") == _cfg(pools, tmp_path / "x")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_processes_embed_and_give_the_manifest_of_one(finished, pools, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "opendino",
+           "curate", *_overrides(pools, out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"manifest": {') == 1  # the summary is printed once, by process 0
+    shards = sorted(p.name for p in (out / "embed" / "pool").glob("shard-*.paths.txt"))
+    assert shards == sorted(p.name for p in (finished / "embed" / "pool").glob("shard-*.paths.txt"))
+    assert len(shards) == 4  # 97 images in shards of 32: two per process
+    assert (out / "manifest.csv").read_bytes() == (finished / "manifest.csv").read_bytes()
