@@ -1070,12 +1070,14 @@ def dump_yaml(cfg: Any, header: str = "") -> str:
     """
     lines = [f"# {line}".rstrip() for line in header.strip().splitlines()] if header.strip() else []
 
-    def scalar(v: Any) -> str:
+    def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):  # an item of a list of sections (e.g. curation seed sets): a flow mapping
-            v = to_dict(v)
-        if isinstance(v, tuple | list):
-            return "[" + ", ".join(scalar(x) for x in v) + "]"
-        return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+            return to_dict(v)
+        return [plain(x) for x in v] if isinstance(v, tuple | list) else v
+
+    def scalar(v: Any) -> str:
+        # the whole value in one flow-style dump, so that items are quoted for the flow context ("{", ",", "[")
+        return yaml.safe_dump(plain(v), default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
     def emit(obj: Any, indent: str) -> None:
         docs = field_docs(type(obj))

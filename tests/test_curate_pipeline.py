@@ -291,10 +291,19 @@ def test_missing_sources_are_named_before_any_work(pools, tmp_path, capsys):
 
 
 def test_print_config_round_trips(pools, tmp_path, capsys):
-    assert main(["curate", *_overrides(pools, tmp_path / "x"), "--print-config"]) == 0
+    shards = "pool=[/data/a, '/data/shard-{000..009}.tar', 'odd, name']"  # flow-context characters survive
+    assert main(["curate", *_overrides(pools, tmp_path / "x", shards), "--print-config"]) == 0
     text = capsys.readouterr().out
     (tmp_path / "c.yaml").write_text(text)
-    assert config.load(config.CurateConfig, tmp_path / "c.yaml") == _cfg(pools, tmp_path / "x")
+    cfg = config.load(config.CurateConfig, tmp_path / "c.yaml")
+    assert cfg == _cfg(pools, tmp_path / "x", shards)
+    assert cfg.pool == ("/data/a", "/data/shard-{000..009}.tar", "odd, name")
+
+
+def test_the_example_config_loads():
+    example = Path(__file__).resolve().parent.parent / "configs" / "curate_example.yaml"
+    cfg = config.load(config.CurateConfig, example)
+    assert cfg.seeds[0].name == "birds" and cfg.dedup.eval_sets == ("/data/imagenet/val",)
 
 
 @pytest.mark.dist
