@@ -151,8 +151,16 @@ def test_manifest_is_what_training_reads(finished):
     rows = (finished / "manifest.csv").read_text().splitlines()
     assert rows[0] == "path,weight,source,similarity,cluster_l1,cluster_l2"
     summary = stage_done(finished, "manifest")["summary"]
-    assert len(m) == summary["rows"] == 3 + 3 + 40  # two seed sets included as is, 40 balanced pool images
+    # balance.apply_to=pool: the seed sets as is, the balanced sample of the pool and the retrieved images on top
+    selection = np.load(finished / "balance" / "selection.npz")
+    retrieved = [np.load(finished / "retrieve" / f"{name}.npz")["pool_ids"] for name in ("discs", "rings")]
+    pool_rows = set(selection["pool_ids"].tolist()).union(*(r.tolist() for r in retrieved))
+    assert len(selection["pool_ids"]) == 40
+    assert len(m) == summary["rows"] == 3 + 3 + len(pool_rows)
     assert sum(r.split(",")[2].startswith("seed:") for r in rows[1:]) == 6
+    assert sum(r.split(",")[2].startswith("retrieved:") for r in rows[1:]) == len(
+        set().union(*(r.tolist() for r in retrieved))
+    )
     dedup = np.load(finished / "dedup" / "dedup.npz")
     pool = load_embedded(finished / "embed" / "pool")
     kept = {pool.paths[i] for i in np.flatnonzero(dedup["keep"])}

@@ -390,21 +390,26 @@ def _stage_manifest(run: _Run) -> dict[str, Any]:
     pool = run.pool()
     sel = _load_npz(run.out / "balance" / "selection.npz")
     ids = _load_npz(run.out / "balance" / "input.npz")["pool_ids"]
-    levels_dir = run.out / "balance" / "levels"
-    clusters = None
-    if stage_done(run.out, "balance")["summary"]["applied_to"] != "none" and levels_dir.exists():
-        levels = load_levels(levels_dir)
-        by_input = point_clusters(levels)  # (len(ids), T)
-        row_of = {int(p): i for i, p in enumerate(ids)}
-        clusters = np.stack([by_input[row_of[int(p)]] for p in sel["pool_ids"]]) if len(sel["pool_ids"]) else None
-    sources = {int(p): [] for p in sel["pool_ids"]}
-    similarity = {int(p): -1.0 for p in sel["pool_ids"]}
+    mode = stage_done(run.out, "balance")["summary"]["applied_to"]
+    counts = dict(zip(sel["pool_ids"].tolist(), sel["counts"].tolist(), strict=True))
+    sources: dict[int, list[str]] = {}
+    similarity: dict[int, float] = {}
     for s in run.cfg.seeds:
         got = run.retrieved(s.name)
         for p, sim in zip(got["pool_ids"].tolist(), got["similarity"].tolist(), strict=True):
-            if p in sources:
-                sources[p].append(s.name)
-                similarity[p] = max(similarity[p], float(sim))
+            if mode == "pool":  # the pool was balanced: the retrieved images come on top of its sample
+                counts.setdefault(p, 1)
+            sources.setdefault(p, []).append(s.name)
+            if sim == sim:  # NaN for cluster-based retrieval, which does not rank by seed
+                similarity[p] = max(similarity.get(p, -1.0), float(sim))
+    chosen = sorted(counts)
+    levels_dir = run.out / "balance" / "levels"
+    clusters = None
+    if mode != "none" and levels_dir.exists() and chosen:
+        by_input = point_clusters(load_levels(levels_dir))  # (len(ids), T): the clusters of the balanced input
+        row_of = {int(p): i for i, p in enumerate(ids)}
+        clusters = np.stack([by_input[row_of[p]] for p in chosen])
+    n_levels = clusters.shape[1] if clusters is not None else 0
     paths: list[str] = []
     weights: list[int] = []
     source_col: list[str] = []
@@ -417,12 +422,12 @@ def _stage_manifest(run: _Run) -> dict[str, Any]:
             weights += [1] * len(seeds.paths)
             source_col += [f"seed:{s.name}"] * len(seeds.paths)
             sim_col += [1.0] * len(seeds.paths)
-            level_cols += [[-1] * (clusters.shape[1] if clusters is not None else 0)] * len(seeds.paths)
-    for i, (p, count) in enumerate(zip(sel["pool_ids"].tolist(), sel["counts"].tolist(), strict=True)):
+            level_cols += [[-1] * n_levels] * len(seeds.paths)
+    for i, p in enumerate(chosen):
         paths.append(pool.paths[p])
-        weights.append(int(count))
-        source_col.append("retrieved:" + "+".join(sources[p]) if sources[p] else "pool")
-        sim_col.append(round(similarity[p], 4))
+        weights.append(int(counts[p]))
+        source_col.append("retrieved:" + "+".join(sources[p]) if p in sources else "pool")
+        sim_col.append(round(similarity.get(p, -1.0), 4))
         level_cols.append(clusters[i].tolist() if clusters is not None else [])
     if not paths:
         raise CurateError("the curated set is empty: nothing retrieved or selected (see the stage summaries)")
