@@ -39,10 +39,14 @@ from opendino.data.sources import list_images
 from opendino.eval.features import FeatureBatch, iter_features, make_loader, pick_device
 from opendino.models.hub import RUN_BACKBONE_FILE, is_preset, load_backbone
 
-__all__ = ["load_extracted", "run_extract"]
+__all__ = ["ExtractionMismatch", "load_extracted", "run_extract"]
 
 MANIFEST = "manifest.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ExtractionMismatch(ConfigError):
+    """The output folder holds (part of) an extraction with other settings or images; overwrite=true replaces it."""
 
 
 def _backbone_identity(source: str) -> dict[str, Any]:
@@ -102,7 +106,7 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> Non
         previous = json.loads(manifest.read_text())
         if previous.get("fingerprint") != fingerprint:
             changed = sorted(k for k in fingerprint if previous.get("fingerprint", {}).get(k) != fingerprint[k])
-            raise ConfigError(
+            raise ExtractionMismatch(
                 f"{out} holds another extraction (differs in: {', '.join(changed)}); "
                 "use another output folder or overwrite=true"
             )

@@ -332,3 +332,13 @@ def test_two_processes_embed_and_give_the_manifest_of_one(finished, pools, tmp_p
     assert shards == sorted(p.name for p in (finished / "embed" / "pool").glob("shard-*.paths.txt"))
     assert len(shards) == 4  # 97 images in shards of 32: two per process
     assert (out / "manifest.csv").read_bytes() == (finished / "manifest.csv").read_bytes()
+
+
+def test_changed_embedding_settings_embed_again(finished, pools, tmp_path, capsys):
+    out = _copy_run(finished, tmp_path / "copy")
+    assert main(["curate", *_overrides(pools, out, "embed.resize_size=40")]) == 0
+    printed = capsys.readouterr().out
+    assert "[embed] pool: images or settings changed since the last run, embedding it again" in printed
+    assert "[manifest] wrote" in printed
+    summary = json.loads((out / "embed" / "pool" / "manifest.json").read_text())
+    assert summary["complete"] and summary["fingerprint"]["resize_size"] == 40

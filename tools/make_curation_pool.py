@@ -6,9 +6,10 @@ writes under --out:
 - ``pool_imagenette.txt``: Imagenette train images (the seed images below left out), one path per line;
 - ``cifar/<class>/*.png``: CIFAR-10 train images (``--cifar-per-class`` per class) upsampled to 112 px (bicubic);
 - CamVid train frames are used in place (``<data>/camvid/train/images``);
-- ``planted/``: augmented copies (crop 80-95 %, resize, brightness / contrast +-15 %, JPEG quality 50-80) of random
-  pool images, and ``planted_eval/``: such copies of Imagenette val images (the evaluation set), with
-  ``planted.tsv`` (copy, original) to score the deduplication;
+- ``planted/``: near-duplicates of random pool images in three strengths (``KINDS``: light keeps 95-100 % of the
+  side, medium 88-95 %, strong 80-88 %; each resized back, brightness / contrast jittered, JPEG re-encoded), and
+  ``planted_eval/``: such copies of Imagenette val images (the evaluation set), with ``planted.tsv`` (copy,
+  original, kind) to score the deduplication;
 - ``seeds_<class>.txt``: the first ``--seeds-per-class`` train images of each seed class;
 - ``curate.yaml``: the `opendino curate` config of the experiment (backbone to be given on the command line).
 
@@ -26,16 +27,24 @@ from PIL import Image, ImageEnhance
 SEED_CLASSES = {"n03445777": "golf_ball", "n03888257": "parachute", "n03028079": "church"}
 
 
-def _augmented_copy(src: str, dst: Path, rng: np.random.Generator) -> None:
+# (smallest, largest) share of the side kept by the crop, and the JPEG quality range, per kind of planted copy
+KINDS = {"light": ((0.95, 1.0), (60, 90)), "medium": ((0.88, 0.95), (55, 85)), "strong": ((0.80, 0.88), (50, 80))}
+
+
+def _augmented_copy(src: str, dst: Path, kind: str, rng: np.random.Generator) -> None:
+    """A near-duplicate: a crop (share of the side by kind) resized back, brightness / contrast +-10 % (+-15 % for
+    "strong"), JPEG re-encoding."""
+    (low, high), (q_low, q_high) = KINDS[kind]
     img = Image.open(src).convert("RGB")
     w, h = img.size
-    scale = rng.uniform(0.80, 0.95)
+    scale = rng.uniform(low, high)
     cw, ch = int(w * scale), int(h * scale)
     x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     img = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BICUBIC)
-    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
-    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.85, 1.15))
-    img.save(dst, quality=int(rng.integers(50, 81)))
+    jitter = 0.15 if kind == "strong" else 0.10
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - jitter, 1 + jitter))
+    img = ImageEnhance.Contrast(img).enhance(rng.uniform(1 - jitter, 1 + jitter))
+    img.save(dst, quality=int(rng.integers(q_low, q_high + 1)))
 
 
 def main() -> None:
@@ -78,16 +87,19 @@ def main() -> None:
     lines = []
     pool = imagenette + cifar_paths + camvid_paths
     (out / "planted").mkdir(exist_ok=True)
+    kinds = list(KINDS)
     for j, i in enumerate(rng.choice(len(pool), args.planted, replace=False)):
-        dst = out / "planted" / f"copy_{j:04d}.jpg"
-        _augmented_copy(pool[i], dst, rng)
-        lines.append(f"{dst}\t{pool[i]}\n")
+        kind = kinds[j % len(kinds)]
+        dst = out / "planted" / f"copy_{j:04d}_{kind}.jpg"
+        _augmented_copy(pool[i], dst, kind, rng)
+        lines.append(f"{dst}\t{pool[i]}\t{kind}\n")
     val = sorted((data / "imagenette" / "val").glob("*/*.jpg"))
     (out / "planted_eval").mkdir(exist_ok=True)
     for j, i in enumerate(rng.choice(len(val), args.planted_eval, replace=False)):
-        dst = out / "planted_eval" / f"evalcopy_{j:04d}.jpg"
-        _augmented_copy(str(val[i]), dst, rng)
-        lines.append(f"{dst}\t{val[i]}\n")
+        kind = kinds[j % len(kinds)]
+        dst = out / "planted_eval" / f"evalcopy_{j:04d}_{kind}.jpg"
+        _augmented_copy(str(val[i]), dst, kind, rng)
+        lines.append(f"{dst}\t{val[i]}\t{kind}\n")
     (out / "planted.tsv").write_text("".join(lines))
 
     seed_sets = "".join(f"  - {{name: {n}, data: {out / f'seeds_{n}.txt'}}}\n" for n in seeds)

@@ -148,12 +148,16 @@ def _stage_embed(run: _Run) -> dict[str, Any]:
         root.mkdir(parents=True, exist_ok=True)
         _write_atomic(root / "pool.txt", "".join(p + "\n" for p in _pool_list(run.cfg)))
     dist.barrier()
-    from opendino.extract import run_extract
+    from opendino.extract import ExtractionMismatch, run_extract
 
     summary: dict[str, Any] = {}
     for label, data, folder in _embedding_jobs(run.cfg, root):
         dist.print0(f"[embed] {label}")
-        got = run_extract(_extract_config(run.cfg, data, folder, overwrite=run.force("embed")))
+        try:  # resumes a killed embedding of the same images and settings
+            got = run_extract(_extract_config(run.cfg, data, folder, overwrite=run.force("embed")))
+        except ExtractionMismatch:  # other images or settings than last time: this stage starts that set afresh
+            dist.print0(f"[embed] {label}: images or settings changed since the last run, embedding it again")
+            got = run_extract(_extract_config(run.cfg, data, folder, overwrite=True))
         summary[str(folder.relative_to(root))] = {k: got[k] for k in ("n_images", "n_features", "n_bad")}
     return summary
 
