@@ -145,6 +145,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from opendino.viz.run import run_viz
+
+    # image paths go in as given (not through YAML parsing, which commas or brackets in a name would break)
+    flags = config.parse_overrides(_schema_overrides(args, config.VizConfig))
+    cfg = config.load(config.VizConfig, args.config, {**flags, "kind": args.viz_kind, "images": args.viz_images})
+    record = run_viz(cfg)
+    print(f"wrote {len(record['files'])} files to {cfg.out} (listed in {cfg.out}/viz.json)")
+    if record["skipped"]:
+        print(f"skipped {len(record['skipped'])} unreadable images (listed in viz.json)")
+    return 0
+
+
 def _cmd_curate(args: argparse.Namespace) -> int:
     source, overrides = args.config, list(args.overrides)
     if source is not None and "=" in source:  # no CONFIG given: the first argument is already an override
@@ -166,6 +179,13 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     if dist.is_main():
         print(json.dumps({stage: r.get("summary", {}) for stage, r in records.items()}, indent=2, default=str))
     dist.cleanup()
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from opendino.demo import serve
+
+    serve(_load(config.DemoConfig, args))
     return 0
 
 
@@ -248,6 +268,27 @@ def _parser() -> argparse.ArgumentParser:
     cur.add_argument("--force", action="store_true", help="rerun the selected stages even when up to date")
     cur.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     cur.set_defaults(handler=_cmd_curate)
+    viz = sub.add_parser(
+        "viz",
+        help="pictures of a backbone's features: pca, foreground, match, attention, depth, seg (PNG)",
+        description="Pictures of a backbone's patch features (KIND: pca, foreground, match, attention) or of the "
+        "linear heads trained by `opendino eval depth` / `opendino eval seg` (KIND: depth, seg, with --head). "
+        "IMAGES are files or folders; unreadable ones are reported and skipped. Files and facts go to OUT "
+        "(viz.json lists them).",
+    )
+    viz.add_argument("viz_kind", choices=config.VizConfig.KINDS, metavar="KIND", help="what to draw")
+    viz.add_argument("viz_images", nargs="+", metavar="IMAGES", help="image files or folders (match: two images)")
+    viz.add_argument("--config", default=None, help="YAML file with the keys below (flags win)")
+    _add_schema_flags(viz, config.VizConfig, skip=("kind", "images"))
+    viz.set_defaults(handler=_cmd_viz)
+    staged(
+        "demo",
+        config.DemoConfig,
+        _cmd_demo,
+        "a local web page (http://127.0.0.1:7860/ by default) showing PCA, foreground, attention, patch similarity "
+        "and matches of uploaded images, and depth / segmentation with heads from `opendino eval depth` / `eval seg` "
+        "(needs pip install 'opendino[demo]')",
+    )
     return parser
 
 

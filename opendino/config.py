@@ -37,6 +37,7 @@ __all__ = [
     "CurateReportConfig",
     "CurateRetrieveConfig",
     "DataConfig",
+    "DemoConfig",
     "DepthEvalConfig",
     "DinoConfig",
     "EvalCommon",
@@ -58,6 +59,7 @@ __all__ = [
     "SegEvalConfig",
     "TeacherConfig",
     "TrainConfig",
+    "VizConfig",
     "dump_yaml",
     "field_docs",
     "global_batch_size",
@@ -536,9 +538,7 @@ class CurateBalanceConfig:
         if any(k < 1 for k in self.n_clusters) or any(r < 1 for r in self.sample_sizes):
             raise ConfigError("n_clusters and sample_sizes hold positive integers")
         if self.sample_sizes and len(self.sample_sizes) != len(self.n_clusters):
-            raise ConfigError(
-                f"sample_sizes has {len(self.sample_sizes)} values for {len(self.n_clusters)} levels"
-            )
+            raise ConfigError(f"sample_sizes has {len(self.sample_sizes)} values for {len(self.n_clusters)} levels")
         if self.n_resamples < 0 or self.fit_sample < 0 or self.target < 0:
             raise ConfigError("n_resamples, fit_sample and target must be >= 0")
 
@@ -887,6 +887,71 @@ class RobustnessEvalConfig(EvalCommon):
         if self.max_per_class < 0:
             raise ConfigError(f"max_per_class={self.max_per_class}: must be >= 0")
         _check_positive(self, "resize_size", "crop_size", "linear_epochs", "linear_epoch_length")
+
+
+@dataclass(frozen=True)
+class VizConfig:
+    """`opendino viz KIND`: pictures of a backbone's patch features (PCA, foreground, matches, attention) and of the
+    depth / segmentation heads trained by `opendino eval depth` / `opendino eval seg`."""
+
+    KINDS = ("pca", "foreground", "match", "attention", "depth", "seg")  # not a field
+
+    kind: str  # what to draw: pca, foreground, match, attention, depth or seg
+    backbone: str  # preset name (random weights, seeded), checkpoint file, Hugging Face folder or opendino run folder
+    images: tuple[str, ...]  # image files or folders of images (match: exactly two images)
+    out: str = "runs/viz"  # output folder for the PNGs, masks and viz.json
+    image_size: int = 0  # shorter side fed to the backbone, a multiple of the patch (0: 448; depth / seg: the head's)
+    threshold: float = 0.0  # foreground: first-component score above this many standard deviations (paper: 0)
+    keep_background: bool = False  # pca / match: use every patch (no foreground split)
+    per_image: bool = False  # pca / foreground: one PCA per image instead of one over all the images together
+    matches: int = 40  # match: lines drawn (the most similar mutual nearest neighbours)
+    block: int = -1  # attention: the block whose attention is drawn (negative: counted from the end)
+    head: str = ""  # depth / seg: the --out folder of `opendino eval depth` / `eval seg` (holds head.safetensors)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    seed: int = 0  # seed of the random weights of a preset backbone
+
+    def __post_init__(self) -> None:
+        _check_choice("kind", self.kind, self.KINDS)
+        if not self.backbone:
+            raise ConfigError("backbone: give a preset name, a checkpoint file or a run directory")
+        if not self.images:
+            raise ConfigError("images: give one or more image files or folders")
+        if self.image_size < 0 or not math.isfinite(self.threshold):
+            raise ConfigError(f"image_size={self.image_size} must be >= 0 and threshold={self.threshold} finite")
+        _check_positive(self, "matches")
+        if self.kind in ("depth", "seg") and not self.head:
+            raise ConfigError(f"kind={self.kind} needs head: the output folder of `opendino eval {self.kind}`")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`opendino demo`: a local web page showing a backbone's PCA, foreground, attention, patch similarity and matches
+    (and depth / segmentation with heads from `opendino eval depth` / `opendino eval seg`) on uploaded images."""
+
+    backbone: str  # preset name (random weights, seeded), checkpoint file, Hugging Face folder or opendino run folder
+    host: str = "127.0.0.1"  # address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network interface)
+    port: int = 7860  # TCP port of the page: http://HOST:PORT/
+    depth_head: str = ""  # the --out folder of `opendino eval depth` (adds the depth view; "" = none)
+    seg_head: str = ""  # the --out folder of `opendino eval seg` (adds the segmentation view; "" = none)
+    image_size: int = 448  # shorter side fed to the backbone, a multiple of the patch size (bigger: finer, slower)
+    threshold: float = 0.0  # default foreground threshold: first-component score in standard deviations (paper: 0)
+    matches: int = 40  # default number of match lines between two images
+    max_upload_mb: float = 20.0  # largest request accepted, in MiB (larger uploads get HTTP 413)
+    max_pixels: int = 40_000_000  # largest decoded image (width x height) accepted; larger ones are refused
+    feature_cache: int = 16  # images whose patch features stay in memory, so similarity clicks reuse them (0 = off)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    seed: int = 0  # seed of the random weights of a preset backbone
+
+    def __post_init__(self) -> None:
+        if not self.backbone:
+            raise ConfigError("backbone: give a preset name, a checkpoint file or a run directory")
+        if not self.host:
+            raise ConfigError("host: give an address to listen on, e.g. 127.0.0.1")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port={self.port}: expected 1 to 65535")
+        _check_positive(self, "image_size", "matches", "max_upload_mb", "max_pixels")
+        if self.feature_cache < 0 or not math.isfinite(self.threshold):
+            raise ConfigError(f"feature_cache={self.feature_cache} must be >= 0 and threshold={self.threshold} finite")
 
 
 EVAL_CONFIGS: dict[str, type] = {

@@ -16,6 +16,8 @@ resizes the padded output, a shift of up to half a patch); bins span [min_depth,
 factory hard-codes 0.001-80 m); AdamW with linear warm-up then cosine, gradient norm clipped at 35 (the official linear
 schedule is not published). `train_mode="cached"` (default) computes the tokens of every whole training image and of
 its mirror once and trains on those; "online" runs the backbone on augmented crops every step (the official recipe).
+The trained head is written to `head.safetensors` with its description (blocks, bins, depth range, input size,
+backbone) in the file's metadata; `opendino viz depth` reads it back.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -52,6 +53,7 @@ from opendino.eval.depth_data import (
     save_depth_grid,
 )
 from opendino.eval.features import autocast_for
+from opendino.eval.seg import save_head
 
 __all__ = [
     "LinearDepthHead",
@@ -398,7 +400,12 @@ def run(cfg) -> dict[str, Any]:
             kept, [r["image"] for r in rows], [r["rmse"] for r in rows], ctx.picture_path("predictions.png")
         )
     if dist.is_main():
-        save_file({k: v.contiguous().cpu() for k, v in head.state_dict().items()}, str(ctx.out / "head.safetensors"))
+        # read back by `opendino viz depth` (opendino.viz.heads); `save_head` writes it atomically
+        head_meta = {"task": "depth", "blocks": blocks, "n_layers": cfg.n_layers, "embed_dim": ctx.embed_dim,
+                     "n_bins": cfg.n_bins, "min_depth": cfg.min_depth, "max_depth": cfg.max_depth,
+                     "image_size": cfg.image_size, "flip_tta": cfg.flip_tta, "patch_size": ctx.patch_size,
+                     "backbone": cfg.backbone, "backbone_identity": ctx.identity}  # fmt: skip
+        save_head(head, head_meta, ctx.out / "head.safetensors")
     names = list(METRICS)
     headers = [f"{n} {'↑' if up else '↓'}" for n, up in METRICS.items()]
     summary = [["linear head", *(metrics[n] for n in names)],

@@ -15,6 +15,9 @@ resizing to the label size (mmseg resizes the padded logits instead, shifting pr
 "ms" averages the softmax probabilities over test scales x {image, mirror image}. Optionally each view is predicted
 by sliding windows. Metrics come from a confusion matrix accumulated over the whole set (mmseg's total-area rule).
 
+The trained head is written to `head.safetensors` beside results.json with its description (blocks, classes, names,
+palette, test sizes, backbone) in the file's metadata (`save_head`); `opendino viz seg` reads it back.
+
 Under torchrun every process computes the same result (nothing is sharded): run it on one process.
 """
 
@@ -37,6 +40,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from opendino import dist
 from opendino.eval.dense import center_pad, token_maps
 from opendino.eval.features import autocast_for
 from opendino.eval.seg_data import (
@@ -48,6 +52,7 @@ from opendino.eval.seg_data import (
     infer_num_classes,
     list_seg_pairs,
     normalize,
+    palette,
     rescale_size,
     seg_confusion,
     seg_metrics,
@@ -60,6 +65,7 @@ __all__ = [
     "poly_lr",
     "predict",
     "run",
+    "save_head",
     "seg_blocks",
     "seg_confusion",
     "seg_features",
@@ -415,6 +421,15 @@ def evaluate(
     return cm, shown, bad
 
 
+def save_head(head: nn.Module, meta: dict[str, Any], path: Path) -> Path:
+    """The head's weights with `meta` as JSON under the safetensors metadata key `opendino.head`, written atomically."""
+    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    save_file(state, str(tmp), metadata={"opendino.head": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
 def run(cfg: Any) -> dict[str, Any]:
     """`opendino eval seg`: train the head on `cfg.train`, score it on `cfg.val`, write results and pictures."""
     from opendino.eval.common import markdown_table, setup
@@ -468,6 +483,15 @@ def run(cfg: Any) -> dict[str, Any]:
         titles = ["image", "ground truth", "prediction"]
         stems = [Path(val_pairs[i][0]).stem for i in shown]
         save_image_grid(rows, ctx.picture_path("predictions.png"), column_titles=titles, row_titles=stems)
+    if dist.is_main():  # read back by `opendino viz seg` (opendino.viz.heads)
+        head_meta = {"task": "seg", "variant": cfg.variant, "blocks": blocks, "embed_dim": ctx.embed_dim,
+                     "in_channels": ctx.embed_dim * len(blocks), "num_classes": num_classes, "class_names": names,
+                     "palette": (palette(num_classes) * 255).round().astype(int).tolist(),
+                     "ignore_index": cfg.ignore_index, "reduce_zero_label": cfg.reduce_zero_label,
+                     "resize_size": cfg.resize_size, "scales": list(scales), "flip": ms,
+                     "window": cfg.crop_size if cfg.inference == "slide" else 0, "patch_size": ctx.patch_size,
+                     "backbone": cfg.backbone, "backbone_identity": ctx.identity}  # fmt: skip
+        save_head(head, head_meta, ctx.out / "head.safetensors")
     metrics = {k: scores[k] for k in ("miou", "pixel_accuracy", "mean_accuracy")}
     pixels = cm.sum(dim=1).tolist()
     per_class = [[n, scores["per_class_iou"][n], scores["per_class_accuracy"][n], pixels[i]]
