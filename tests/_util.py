@@ -14,3 +14,36 @@ def chunk_block_keys(state: dict[str, torch.Tensor], blocks_per_chunk: int) -> d
             k = f"blocks.{i // blocks_per_chunk}.{k[len('blocks.') :]}"
         out[k] = v
     return out
+
+
+def content_vit(seed: int = 0) -> torch.nn.Module:
+    """The debug ViT with patch tokens = LayerNorm(patch embedding of the patch's pixels): no position embedding and
+    zero residual branches, so a patch's features depend on its own pixels only (pictures whose answer is known)."""
+    from opendino.models.hub import build_backbone
+
+    torch.manual_seed(seed)
+    model = build_backbone("debug")
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        for blk in model.iter_blocks():
+            for layer in (blk.attn.proj, blk.mlp.fc2):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    return model.eval()
+
+
+def write_halves_seg_dataset(root, n: int):
+    """`n` 64 x 64 segmentation pairs under root/images and root/labels: left half red (class 0), right blue (1)."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(n):
+        img = np.zeros((64, 64, 3), np.uint8)
+        img[:, :32], img[:, 32:] = (220, 30, 30), (30, 30, 220)
+        label = np.zeros((64, 64), np.uint8)
+        label[:, 32:] = 1
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        Image.fromarray(label, mode="L").save(root / "labels" / f"{i}.png")
+    return root

@@ -17,6 +17,7 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
+from _util import write_halves_seg_dataset
 from PIL import Image
 
 from opendino import config
@@ -251,7 +252,7 @@ def test_heads_add_depth_and_segmentation_views(model, depth_head, seg_head):
     palette = {tuple(int(c["colour"][i : i + 2], 16) for i in (1, 3, 5)) for c in classes}
     assert {tuple(p) for p in seg.reshape(-1, 3)} == palette
     # a head of the other task, or one trained on another width, is refused at start
-    with pytest.raises(ValueError, match="is a seg head, given as the depth head"):
+    with pytest.raises(ValueError, match="is a seg head, not a depth head"):
         Demo(model, label="debug", image_size=SIZE, depth_head=seg_head)
     torch.manual_seed(0)
     wider = build_backbone("debug", embed_dim=48, num_heads=3).eval()
@@ -264,16 +265,7 @@ def seg_head(tmp_path_factory):
     from opendino.eval.seg import run
     from opendino.viz import load_head
 
-    root = tmp_path_factory.mktemp("seg")
-    (root / "images").mkdir()
-    (root / "labels").mkdir()
-    for i in range(2):
-        img = np.zeros((64, 64, 3), np.uint8)
-        img[:, :32], img[:, 32:] = (220, 30, 30), (30, 30, 220)
-        label = np.zeros((64, 64), np.uint8)
-        label[:, 32:] = 1
-        Image.fromarray(img).save(root / "images" / f"{i}.png")
-        Image.fromarray(label, mode="L").save(root / "labels" / f"{i}.png")
+    root = write_halves_seg_dataset(tmp_path_factory.mktemp("seg"), 2)
     run(config.SegEvalConfig(backbone="debug", train=str(root), val=str(root), out=str(root / "out"), cache_dir="",
                              num_workers=0, mode="fast", iterations=10, warmup_iterations=2, resize_size=64,
                              class_names=("red", "blue")))  # fmt: skip

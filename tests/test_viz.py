@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _util import content_vit
 from PIL import Image
 
 from opendino.models.hub import build_backbone
@@ -33,19 +34,6 @@ from opendino.viz.figures import foreground_overlay, mask_picture, match_picture
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GREY = 128
-
-
-def content_vit(seed: int = 0) -> torch.nn.Module:
-    """The debug ViT with patch tokens = LayerNorm(patch embedding of the patch's pixels)."""
-    torch.manual_seed(seed)
-    model = build_backbone("debug")
-    with torch.no_grad():
-        model.pos_embed.zero_()
-        for blk in model.iter_blocks():
-            for layer in (blk.attn.proj, blk.mlp.fc2):
-                layer.weight.zero_()
-                layer.bias.zero_()
-    return model.eval()
 
 
 def texture(h: int, w: int, seed: int) -> np.ndarray:

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _util import content_vit, write_halves_seg_dataset
 from PIL import Image
 
 from opendino import cli
@@ -131,15 +132,7 @@ def test_all_images_unreadable(photos, tmp_path, capsys):
 def test_constructed_backbone_from_a_file_finds_the_object(tmp_path):
     """Patch tokens = LayerNorm(patch embedding) (no position embedding, residual branches zero): a textured square
     on a flat background is the foreground, whatever the PCA sign."""
-    torch.manual_seed(0)
-    model = build_backbone("debug")
-    with torch.no_grad():
-        model.pos_embed.zero_()
-        for blk in model.iter_blocks():
-            for layer in (blk.attn.proj, blk.mlp.fc2):
-                layer.weight.zero_()
-                layer.bias.zero_()
-    weights = save_backbone(model, tmp_path / "content.safetensors")
+    weights = save_backbone(content_vit(), tmp_path / "content.safetensors")
     pixels = np.full((64, 64, 3), 128, np.uint8)
     pixels[8:56, 8:56] = _texture(48, 48, 2)
     Image.fromarray(pixels).save(tmp_path / "object.png")
@@ -156,16 +149,7 @@ def test_constructed_backbone_from_a_file_finds_the_object(tmp_path):
 def seg_head(tmp_path_factory):
     from opendino.eval.seg import run
 
-    root = tmp_path_factory.mktemp("seg")
-    (root / "images").mkdir()
-    (root / "labels").mkdir()
-    for i in range(3):
-        img = np.zeros((64, 64, 3), np.uint8)
-        img[:, :32], img[:, 32:] = (220, 30, 30), (30, 30, 220)
-        label = np.zeros((64, 64), np.uint8)
-        label[:, 32:] = 1
-        Image.fromarray(img).save(root / "images" / f"{i}.png")
-        Image.fromarray(label, mode="L").save(root / "labels" / f"{i}.png")
+    root = write_halves_seg_dataset(tmp_path_factory.mktemp("seg"), 3)
     cfg = SegEvalConfig(backbone="debug", train=str(root), val=str(root), out=str(root / "out"), cache_dir="",
                         num_workers=0, mode="fast", iterations=30, warmup_iterations=2, resize_size=64, lr=0.05,
                         class_names=("red", "blue"))  # fmt: skip

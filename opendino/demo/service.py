@@ -41,6 +41,7 @@ from opendino.data.sources import BadImageError, load_image_bytes
 from opendino.viz import (
     DenseHead,
     ImageFeatures,
+    check_head,
     cls_attention,
     figures,
     foreground_masks,
@@ -216,7 +217,7 @@ class Demo:
             )
         for task, head in (("depth", depth_head), ("seg", seg_head)):
             if head is not None:
-                _check_head(head, model, task)
+                check_head(head, model, task)
         if max_pixels <= 0 or matches <= 0 or not math.isfinite(threshold):
             raise ValueError(
                 f"max_pixels={max_pixels}, matches={matches} must be positive, threshold={threshold} finite"
@@ -438,18 +439,6 @@ class Demo:
             "size": list(picture.shape[:2]),
             "seconds": round(time.perf_counter() - started, 3),
         }
-
-
-def _check_head(head: DenseHead, model: nn.Module, task: str) -> None:
-    """Refuse at start a head of the wrong task or one that does not fit the backbone's width and depth."""
-    if head.task != task:
-        raise ValueError(f"{head.path} is a {head.task} head, given as the {task} head")
-    dim, depth = int(model.embed_dim), int(model.n_blocks)  # type: ignore[arg-type]
-    if int(head.meta["embed_dim"]) != dim or max(head.blocks) >= depth:
-        raise ValueError(
-            f"{head.path}: trained on a backbone with {head.meta['embed_dim']} channels reading blocks {head.blocks}; "
-            f"this backbone has {dim} channels and {depth} blocks (trained on {head.meta.get('backbone')!r})"
-        )
 
 
 def _warn_foreign_heads(heads: dict[str, DenseHead | None], cfg: Any) -> None:

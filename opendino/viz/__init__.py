@@ -28,7 +28,15 @@ from opendino.viz.core import (
     prepare_image,
     similarity_map,
 )
-from opendino.viz.heads import DenseHead, DepthMap, SegMap, load_head, predict_depth_map, predict_segmentation
+from opendino.viz.heads import (
+    DenseHead,
+    DepthMap,
+    SegMap,
+    check_head,
+    load_head,
+    predict_depth_map,
+    predict_segmentation,
+)
 from opendino.viz.match import Matches, mutual_nearest_neighbours
 from opendino.viz.run import run_viz
 
@@ -43,6 +51,7 @@ __all__ = [
     "Matches",
     "PCAMaps",
     "SegMap",
+    "check_head",
     "cls_attention",
     "fit_pca",
     "foreground_masks",

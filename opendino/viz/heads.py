@@ -29,6 +29,7 @@ __all__ = [
     "DenseHead",
     "DepthMap",
     "SegMap",
+    "check_head",
     "load_head",
     "predict_depth_map",
     "predict_segmentation",
@@ -100,7 +101,8 @@ def load_head(source: str | os.PathLike[str], *, device: str | torch.device = "c
     return DenseHead(task, module.to(device).eval(), meta, path)
 
 
-def _check_fits(head: DenseHead, model: nn.Module, task: str) -> None:
+def check_head(head: DenseHead, model: nn.Module, task: str) -> None:
+    """A ValueError unless `head` is a `task` head ("depth" / "seg") that fits the backbone's width and depth."""
     if head.task != task:
         raise ValueError(f"{head.path} is a {head.task} head, not a {task} head")
     dim, depth = int(model.embed_dim), int(model.n_blocks)  # type: ignore[arg-type]
@@ -147,7 +149,7 @@ def predict_depth_map(model: nn.Module, head: DenseHead, image: Image.Image, *, 
     from opendino.eval.depth import predict_depth
     from opendino.eval.depth_data import normalize
 
-    _check_fits(head, model, "depth")
+    check_head(head, model, "depth")
     size = image_size or int(head.meta.get("image_size") or 0) or DEFAULT_IMAGE_SIZE
     pixels = np.array(_shorter_side(image, size), dtype=np.uint8)
     device, _ = model_device(model)
@@ -176,7 +178,7 @@ def predict_segmentation(model: nn.Module, head: DenseHead, image: Image.Image, 
     evaluation's test scales, flips and windows."""
     from opendino.eval.seg import predict
 
-    _check_fits(head, model, "seg")
+    check_head(head, model, "seg")
     meta = head.meta
     pixels = np.array(image.convert("RGB"), dtype=np.uint8)
     probs = predict(
