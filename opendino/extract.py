@@ -61,7 +61,8 @@ def _backbone_identity(source: str) -> dict[str, Any]:
 def _fingerprint(cfg: ExtractConfig, paths: list[str]) -> dict[str, Any]:
     """Everything that decides the contents of the shards: a resumed run must match it exactly."""
     digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
-    ignored = {"num_workers", "overwrite", "compile", "out", "batch_size"}  # change speed or place, not contents
+    # change speed or place, not contents (the images themselves are in paths_sha256, whatever source listed them)
+    ignored = {"num_workers", "overwrite", "compile", "out", "batch_size", "data"}
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ignored}
     return {"backbone": _backbone_identity(cfg.backbone), "n_images": len(paths), "paths_sha256": digest, **settings}
 

@@ -342,3 +342,15 @@ def test_changed_embedding_settings_embed_again(finished, pools, tmp_path, capsy
     assert "[manifest] wrote" in printed
     summary = json.loads((out / "embed" / "pool" / "manifest.json").read_text())
     assert summary["complete"] and summary["fingerprint"]["resize_size"] == 40
+
+
+def test_a_moved_run_with_one_more_seed_set_embeds_only_that_set(finished, pools, tmp_path, capsys):
+    out = _copy_run(finished, tmp_path / "moved")  # another folder: the pool list file has another path
+    more = (f"seeds=[{{name: discs, data: {pools['seeds'] / 'disc'}, k: 3, method: sample}}, "
+            f"{{name: rings, data: {pools['seeds'] / 'ring'}, method: cluster}}, "
+            f"{{name: squares, data: {pools['seeds'] / 'square'}}}]")  # fmt: skip
+    assert main(["curate", *_overrides(pools, out, more)]) == 0
+    printed = capsys.readouterr().out
+    assert "[embed] seed set squares" in printed and "embedding it again" not in printed
+    assert len(load_embedded(out / "embed" / "seeds" / "squares").paths) == 3
+    assert stage_done(out, "retrieve")["summary"]["squares"]["method"] == "cluster"
