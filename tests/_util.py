@@ -47,3 +47,24 @@ def write_halves_seg_dataset(root, n: int):
         Image.fromarray(img).save(root / "images" / f"{i}.png")
         Image.fromarray(label, mode="L").save(root / "labels" / f"{i}.png")
     return root
+
+
+def train_tiny_depth_head(root, images):
+    """Train the debug backbone's linear depth head (3 iterations, 40 px) on `images` (H, W, 3 uint8 arrays) with
+    flat depth 2, 3, ... m; returns `root`, whose `out/` holds the saved head."""
+    import numpy as np
+    from PIL import Image
+
+    from opendino.config import DepthEvalConfig
+    from opendino.eval.depth import run
+    from opendino.eval.depth_data import save_depth_png
+
+    (root / "rgb").mkdir(parents=True)
+    (root / "depth").mkdir()
+    for i, pixels in enumerate(images):
+        Image.fromarray(pixels).save(root / "rgb" / f"{i}.png")
+        save_depth_png(root / "depth" / f"{i}.png", np.full(pixels.shape[:2], 2.0 + i, np.float32))
+    run(DepthEvalConfig(backbone="debug", train=str(root), val=str(root), out=str(root / "out"), cache_dir="",
+                        num_workers=0, iterations=3, warmup_iterations=1, loss_warmup_iterations=1, pictures=0,
+                        image_size=40))  # fmt: skip
+    return root

@@ -17,7 +17,7 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
-from _util import write_halves_seg_dataset
+from _util import train_tiny_depth_head, write_halves_seg_dataset
 from PIL import Image
 
 from opendino import config
@@ -274,20 +274,10 @@ def seg_head(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def depth_head(tmp_path_factory):
-    from opendino.eval.depth import run
-    from opendino.eval.depth_data import save_depth_png
     from opendino.viz import load_head
 
-    root = tmp_path_factory.mktemp("depth")
-    (root / "rgb").mkdir()
-    (root / "depth").mkdir()
-    for i in range(2):
-        Image.open(io.BytesIO(png(64, 48, seed=10 + i))).save(root / "rgb" / f"{i}.png")
-        save_depth_png(root / "depth" / f"{i}.png", np.full((48, 64), 2.0 + i, np.float32))
-    run(config.DepthEvalConfig(backbone="debug", train=str(root), val=str(root), out=str(root / "out"), cache_dir="",
-                               num_workers=0, iterations=3, warmup_iterations=1, loss_warmup_iterations=1, pictures=0,
-                               image_size=40))  # fmt: skip
-    return load_head(root / "out")
+    images = [np.asarray(Image.open(io.BytesIO(png(64, 48, seed=10 + i))).convert("RGB")) for i in range(2)]
+    return load_head(train_tiny_depth_head(tmp_path_factory.mktemp("depth"), images) / "out")
 
 
 # ------------------------------------------------------------------------------------------------ bad input

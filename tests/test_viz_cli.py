@@ -11,12 +11,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from _util import content_vit, write_halves_seg_dataset
+from _util import content_vit, train_tiny_depth_head, write_halves_seg_dataset
 from PIL import Image
 
 from opendino import cli
 from opendino.cli import main
-from opendino.config import DepthEvalConfig, SegEvalConfig
+from opendino.config import SegEvalConfig
 from opendino.models.hub import build_backbone, run_convert, save_backbone
 from opendino.viz import load_head
 from opendino.viz.heads import same_backbone
@@ -159,20 +159,8 @@ def seg_head(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def depth_head(tmp_path_factory):
-    from opendino.eval.depth import run
-    from opendino.eval.depth_data import save_depth_png
-
-    root = tmp_path_factory.mktemp("depth")
-    (root / "rgb").mkdir()
-    (root / "depth").mkdir()
-    for i in range(2):
-        Image.fromarray(_texture(48, 64, 10 + i)).save(root / "rgb" / f"{i}.png")
-        save_depth_png(root / "depth" / f"{i}.png", np.full((48, 64), 2.0 + i, np.float32))
-    cfg = DepthEvalConfig(backbone="debug", train=str(root), val=str(root), out=str(root / "out"), cache_dir="",
-                          num_workers=0, iterations=3, warmup_iterations=1, loss_warmup_iterations=1, pictures=0,
-                          image_size=40)  # fmt: skip
-    run(cfg)
-    return root
+    images = [_texture(48, 64, 10 + i) for i in range(2)]
+    return train_tiny_depth_head(tmp_path_factory.mktemp("depth"), images)
 
 
 def test_seg_head_is_saved_self_describing_and_drawn(seg_head, photos, tmp_path):
