@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=64, help="neighbours per image in the k-NN graph")
     p.add_argument("--threshold", type=float, default=0.95, help="dedup cosine threshold")
     p.add_argument("--index", default="auto", choices=("auto", "flat", "ivf", "ivfpq"))
+    p.add_argument("--nlist", type=int, default=0, help="IVF inverted lists (0: automatic, 4·sqrt(n))")
+    p.add_argument("--nprobe", type=int, default=0, help="IVF lists searched per query (0: automatic, 2·sqrt(nlist))")
     p.add_argument("--levels", type=int, nargs="+", default=None, help="clusters per level (default n/100, n/1000)")
     p.add_argument("--sample-sizes", type=int, nargs="+", default=None, help="resampling r per level (default 1 3)")
     p.add_argument("--resamples", type=int, default=10)
@@ -124,14 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
                        record)  # fmt: skip
     print(f"{args.n} x {args.dim} float16 ({x.nbytes / 2**30:.2f} GiB), {len(planted)} planted copies")
     if not args.skip_dedup:
-        index = _step("dedup: build index", lambda: build_index(x, kind=args.index, seed=args.seed,
-                                                                 device=faiss_device), device, record)  # fmt: skip
+        index = _step("dedup: build index", lambda: build_index(x, kind=args.index, nlist=args.nlist,
+                      nprobe=args.nprobe, seed=args.seed, device=faiss_device), device, record)  # fmt: skip
         graph = _step(f"dedup: k-NN graph (k={args.k})", lambda: knn_graph(x, k=args.k, index=index), device, record)
         dedup = _step("dedup: components", lambda: self_dedup(x, threshold=args.threshold, graph=graph), device,
                       record)  # fmt: skip
         found = float(np.mean(dedup.component[planted[:, 0]] == dedup.component[planted[:, 1]]))
-        record["dedup"] = {"index": type(index).__name__, "removed": dedup.n_removed, "planted": len(planted),
-                           "planted_found": round(found, 4)}  # fmt: skip
+        record["dedup"] = {"index": type(index).__name__, "nlist": getattr(index, "nlist", None),
+                           "nprobe": getattr(index, "nprobe", None), "removed": dedup.n_removed,
+                           "planted": len(planted), "planted_found": round(found, 4)}  # fmt: skip
+        if hasattr(index, "nprobe"):
+            print(f"IVF: nlist {index.nlist}, nprobe {index.nprobe}")
         print(f"dedup removed {dedup.n_removed} ({len(planted)} planted copies, {found:.1%} of them found)")
         del index, graph
     if not args.skip_kmeans:

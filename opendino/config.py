@@ -480,11 +480,17 @@ class CurateDedupConfig:
     eval_threshold: float = 0.9  # cosine similarity above which a pool image duplicates an evaluation image
     expand_components: bool = True  # drop the whole pool duplicate group of a matched image (paper)
     index: str = "auto"  # faiss index: "auto" (exact when small, IVF when large), "flat", "ivf" or "ivfpq"
+    nlist: int = 0  # IVF inverted lists (0: 4·sqrt(n)); also used by the retrieve stage's index
+    nprobe: int = 0  # IVF lists searched per query (0: 2·sqrt(nlist)); fewer is faster, may miss neighbours
+    pq_m: int = 0  # ivfpq sub-quantisers, must divide the embedding dimension (0: largest divisor up to d/8)
     examples: int = 8  # duplicate groups drawn in the report
 
     def __post_init__(self) -> None:
         _check_choice("index", self.index, ("auto", "flat", "ivf", "ivfpq"))
         _check_positive(self, "k")
+        for name in ("nlist", "nprobe", "pq_m"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0 (0: automatic)")
         for name in ("threshold", "eval_threshold"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)}: a cosine similarity in [-1, 1]")

@@ -199,6 +199,22 @@ def test_rerun_skips_up_to_date_stages_and_redoes_changed_ones(finished, pools, 
     assert (out / "manifest.csv").read_bytes() == before
 
 
+def test_ivf_settings_reach_the_index_and_misfits_are_one_line_errors(finished, pools, tmp_path, capsys):
+    out = _copy_run(finished, tmp_path / "copy")
+    # IVF probing every list is an exhaustive search: the same duplicates and retrievals as the exact flat index
+    ivf = ("dedup.index=ivf", "dedup.nlist=4", "dedup.nprobe=4")
+    assert main(["curate", *_overrides(pools, out, *ivf), "--stage", "dedup", "--stage", "retrieve"]) == 0
+    assert "[dedup] up to date" not in capsys.readouterr().out
+    for name in ("keep", "removed_eval"):
+        assert (np.load(out / "dedup" / "dedup.npz")[name] == np.load(finished / "dedup" / "dedup.npz")[name]).all()
+    got, want = np.load(out / "retrieve" / "discs.npz"), np.load(finished / "retrieve" / "discs.npz")
+    assert (got["pool_ids"] == want["pool_ids"]).all()
+    # more inverted lists than pool images: one line naming the settings, exit code 2
+    assert main(["curate", *_overrides(pools, out, "dedup.index=ivf", "dedup.nlist=500")]) == 2
+    err = capsys.readouterr().err
+    assert "nlist=500" in err and "96 pool images" in err and "Traceback" not in err
+
+
 def test_a_stage_whose_input_is_stale_is_refused(finished, pools, tmp_path, capsys):
     out = _copy_run(finished, tmp_path / "copy")
     code = main(["curate", *_overrides(pools, out, "dedup.k=10"), "--stage", "manifest"])
@@ -279,6 +295,7 @@ def test_same_inputs_and_seed_give_the_same_manifest(finished, pools, tmp_path):
     ("override", "says"),
     [
         ("dedup.threshold=1.5", "dedup.threshold"),
+        ("dedup.nprobe=-1", "nprobe=-1"),
         ("stages=[dedup, embed]", "in the order"),
         ("balance.n_clusters=[4, 0]", "positive"),
         ("dedup.tresh=0.5", "did you mean 'dedup.threshold'"),

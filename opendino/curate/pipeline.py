@@ -163,9 +163,21 @@ def _stage_embed(run: _Run) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------- dedup
+def _build_pool_index(run: _Run, x: np.ndarray, *, progress: bool = False) -> Any:
+    """The faiss index over pool rows `x` with the `dedup` section's index settings (shared by dedup and retrieve)."""
+    from opendino.curate.search import build_index
+
+    c = run.cfg.dedup
+    try:
+        return build_index(x, kind=c.index, nlist=c.nlist, nprobe=c.nprobe, pq_m=c.pq_m, seed=run.cfg.seed,
+                           progress=progress)  # fmt: skip
+    except ValueError as e:  # settings that do not fit this pool (nlist > n, pq_m not dividing d, ...)
+        settings = f"index={c.index}, nlist={c.nlist}, nprobe={c.nprobe}, pq_m={c.pq_m}"
+        raise CurateError(f"dedup index ({settings}) over {len(x)} pool images: {e}") from None
+
+
 def _stage_dedup(run: _Run) -> dict[str, Any]:
     from opendino.curate.dedup import duplicate_examples, knn_graph, relative_dedup, self_dedup
-    from opendino.curate.search import build_index
 
     c = run.cfg.dedup
     pool = run.pool()
@@ -174,7 +186,7 @@ def _stage_dedup(run: _Run) -> dict[str, Any]:
         raise CurateError(f"the pool has {n} readable image(s): nothing to deduplicate or curate")
     print(f"[dedup] k-NN graph of {n} pool images (k={min(c.k, n - 1)})")
     progress = n >= PROGRESS_MIN
-    index = build_index(pool.x, kind=c.index, seed=run.cfg.seed, progress=progress)
+    index = _build_pool_index(run, pool.x, progress=progress)
     graph = knn_graph(pool.x, k=min(c.k, n - 1), index=index, progress=progress)
     own = self_dedup(pool.x, threshold=c.threshold, graph=graph)
     removed_eval = np.zeros(n, dtype=bool)
@@ -259,7 +271,6 @@ def _pool_kmeans(run: _Run, kept: np.ndarray, pool_x: np.ndarray) -> dict[str, n
 
 def _stage_retrieve(run: _Run) -> dict[str, Any]:
     from opendino.curate.retrieve import cluster_retrieval, sample_retrieval
-    from opendino.curate.search import build_index
 
     r = run.cfg.retrieve
     pool, kept = run.pool(), run.kept()
@@ -273,7 +284,7 @@ def _stage_retrieve(run: _Run) -> dict[str, Any]:
         method = _seed_method(run, s, len(seeds.paths))
         if method == "sample":
             if index is None:
-                index = build_index(pool.x[kept], kind=run.cfg.dedup.index, seed=run.cfg.seed)
+                index = _build_pool_index(run, pool.x[kept])
             min_sim = None if r.min_similarity <= -1 else r.min_similarity
             got = sample_retrieval(index, seeds.x, k=s.k, min_similarity=min_sim)
         else:
